@@ -9,7 +9,7 @@ Two things here exist for Gauss-Newton (gn.py):
   has no forward-mode derivative, so attention falls back to an explicit
   softmax(QKᵀ)V whenever its inputs carry a tangent.
 - `gn_blocks()` names the parameter blocks of layerwise GN, and
-  `forward_from(h, i)` runs the network from the input of block i, so that
+  `forward(h, start_block=i)` runs the network from the input of block i, so that
   layerwise GN can cache block inputs instead of rerunning the blocks below.
 """
 import math
@@ -167,29 +167,26 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
         return self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype)
 
-    def forward_from(self, h, start):
-        """Run the network from the input of GN block `start` to the logits.
+    def forward(self, h, start_block=0):
+        """Logits for token indices h (B, T), or from the input of a GN block.
 
-        start 0: h holds token indices (B, T); start 1..n_layer: h is the
-        residual stream entering transformer block start-1; start n_layer+1:
-        h is the normalized final hidden state entering the head.
+        start_block 0: h holds token indices; 1..n_layer: h is the residual
+        stream entering transformer block start_block-1; n_layer+1: h is the
+        normalized final hidden state entering the head. Layerwise GN uses the
+        later entries on cached `block_inputs` so it never reruns lower blocks.
         """
-        L = len(self.blocks)
-        if start == 0:
+        if start_block == 0:
             h = self.embed(h)
-        if start <= L:
+        if start_block <= len(self.blocks):
             cos, sin = self._rotary(h.shape[1], h.dtype)
-            for block in self.blocks[max(start - 1, 0):]:
+            for block in self.blocks[max(start_block - 1, 0):]:
                 h = block(h, cos, sin)
             h = self.norm(h)
         return self.head(h)
 
-    def forward(self, idx):
-        return self.forward_from(idx, 0)
-
     @torch.no_grad()
     def block_inputs(self, idx):
-        """The input of every GN block for tokens idx, as `forward_from` takes them."""
+        """The input of every GN block for tokens idx, as `forward(h, start_block=i)` takes them."""
         h = self.embed(idx)
         inputs = [idx, h]
         cos, sin = self._rotary(idx.shape[1], h.dtype)
