@@ -1,0 +1,528 @@
+"""Gauss-Newton (GN) optimization, full and layerwise, as in Abreu et al. 2025,
+"The Potential of Second-Order Optimization for LLMs: A Study with Full
+Gauss-Newton" (arXiv 2510.09378).
+
+Read this file top to bottom:
+
+1. The loss in output space. A network maps parameters θ to outputs z = f(θ)
+   (the logits); the loss ℓ(z) is cheap and its derivatives in z have closed
+   forms: the gradient g_z and the Hessian-vector product H_z u.
+
+2. The quadratic model. Around θ0 the GN model of the loss in the update Δ is
+
+       Q(Δ) = ℓ(z0) + g_zᵀ (JΔ) + ½ (JΔ)ᵀ H_z (JΔ),      J = ∂f/∂θ at θ0,
+
+   the second-order Taylor expansion of ℓ(z0 + JΔ), i.e. of the loss of the
+   *linearized* network. Its curvature G = Jᵀ H_z J is the GN matrix: PSD for
+   convex losses, and never formed. Its gradient
+
+       ∇Q(Δ) = Jᵀ (g_z + H_z JΔ)
+
+   costs one forward pass carrying the tangent Δ (which yields z0 and JΔ at
+   once) and one backward pass with the output-space residual as cotangent.
+   `gn_matvec` is the same computation with residual H_z J v. The prox-linear
+   variant keeps the loss exact and only linearizes the network:
+   ∇ℓ(z0 + JΔ) = Jᵀ ∇ℓ(z0 + JΔ).
+
+3. The inner loop. An ordinary optimizer (Muon, AdamW, SOAP, Shampoo: the
+   paper used Muon) minimizes Q with one fresh micro-batch per inner step, a
+   cosine learning rate restarted every outer step and gradient clipping.
+   Linear conjugate gradient on the quadratic averaged over the micro-batches
+   is the classic alternative (Hessian-free optimization, Martens 2010).
+
+4. The line search on the direction d the inner loop found: the paper's grid
+   of step sizes evaluated on fresh micro-batches, or Armijo backtracking.
+   A step that does not lower the loss is rejected (η = 0).
+
+5. Layerwise GN splits the parameters into blocks (embedding, each
+   transformer block, head) and gives each block its own quadratic, built
+   with that block's Jacobian alone: the block-diagonal of G, no cross-block
+   curvature. Full GN is the same code with a single block. Because the
+   other blocks sit at θ0 during the inner loop, the input of block l is the
+   same at every inner step: models that offer `block_inputs` and a
+   `start_block` entry point let block l start there instead of rerunning
+   the blocks below it.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+from baselines import make_optimizer
+
+
+# ---------------------------------------------------------------------------
+# 1. Losses in output space: value, gradient and Hessian-vector product.
+# ---------------------------------------------------------------------------
+
+def wide(t):
+    """t in at least float32: half-precision outputs are summed in float32, float64 stays."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class CrossEntropy:
+    """Mean softmax cross-entropy, as `F.cross_entropy` with mean reduction.
+
+    Outputs z have shape (..., C); targets are class indices shaped z.shape[:-1].
+    Per token, with p = softmax(z) and N tokens: ∇ℓ = (p - onehot(y)) / N and
+    H u = (p ⊙ u - p (pᵀu)) / N, the softmax Jacobian: PSD, no second
+    differentiation needed.
+    """
+
+    @staticmethod
+    def value(z, y):
+        return F.cross_entropy(wide(z).reshape(-1, z.shape[-1]), y.reshape(-1))
+
+    @staticmethod
+    def grad(z, y):
+        p = wide(z).softmax(-1)
+        p.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(p[..., :1], -1.0))
+        return (p / y.numel()).to(z.dtype)
+
+    @staticmethod
+    def hvp(z, y, u):
+        p = wide(z).softmax(-1)
+        pu = p * wide(u)
+        return ((pu - p * pu.sum(-1, keepdim=True)) / y.numel()).to(z.dtype)
+
+
+class MeanSquaredError:
+    """Mean squared error, as `F.mse_loss` with mean reduction: H = 2/M · I."""
+
+    @staticmethod
+    def value(z, y):
+        return F.mse_loss(wide(z), wide(y))
+
+    @staticmethod
+    def grad(z, y):
+        return 2 * (z - y) / z.numel()
+
+    @staticmethod
+    def hvp(z, y, u):
+        return 2 * u / z.numel()
+
+
+LOSSES = {"ce": CrossEntropy, "mse": MeanSquaredError}
+
+
+def get_loss(name):
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+# ---------------------------------------------------------------------------
+# 2. One forward pass with a tangent, one backward pass with a residual.
+# ---------------------------------------------------------------------------
+
+def jvp_vjp(f, params, tangent, residual):
+    """Return z = f(params), J·tangent and Jᵀ·residual(z, J·tangent).
+
+    A single forward pass carries the tangent (forward-mode AD) while ordinary
+    autograd records the primal computation, so the VJP needs no second forward.
+    `residual` maps (z, Jt) to the output-space cotangent.
+    """
+    primals = {k: p.detach().requires_grad_() for k, p in params.items()}
+    with torch.enable_grad():
+        z, jt = jvp(f, (primals,), (tangent,))
+    z_value, jt = z.detach(), jt.detach()
+    grads = torch.autograd.grad(z, list(primals.values()), grad_outputs=residual(z_value, jt))
+    return z_value, jt, dict(zip(primals, grads))
+
+
+def gn_matvec(f, params, v, targets, loss="ce"):
+    """G v with G = Jᵀ H_z J at `params`: the Gauss-Newton matrix times v.
+
+    f maps a dict of tensors to the outputs; v is a dict shaped like params.
+    """
+    H = get_loss(loss)
+    return jvp_vjp(f, params, v, lambda z, jv: H.hvp(z, targets, jv))[2]
+
+
+def model_gradient(f, params, delta, targets, loss="ce", prox_linear=False):
+    """Gradient in Δ of the GN quadratic Q(Δ) (or the prox-linear ℓ(z0 + JΔ)).
+
+    Returns (gradient dict, Q(Δ) - ℓ(z0), ℓ(z0)). The quadratic's output-space
+    residual is g_z + H_z JΔ; the prox-linear one is ∇ℓ(z0 + JΔ).
+    """
+    H = get_loss(loss)
+    model_value = {}
+
+    def residual(z, jd):
+        if prox_linear:
+            model_value["change"] = H.value(z + jd, targets) - H.value(z, targets)
+            return H.grad(z + jd, targets)
+        g, hjd = H.grad(z, targets), H.hvp(z, targets, jd)
+        model_value["change"] = (g * jd).sum() + 0.5 * (hjd * jd).sum()
+        return g + hjd
+
+    z, _, grad = jvp_vjp(f, params, delta, residual)
+    return grad, model_value["change"], H.value(z, targets)
+
+
+# ---------------------------------------------------------------------------
+# 3. Small helpers over dicts of tensors (one dict per block).
+# ---------------------------------------------------------------------------
+
+def dot(a, b):
+    return sum((wide(a[k]) * wide(b[k])).sum() for k in a)
+
+
+def axpy(alpha, x, y):
+    """y + alpha·x, as a new dict."""
+    return {k: y[k] + alpha * x[k] for k in y}
+
+
+def cosine_factor(k, n):
+    """Cosine decay from 1 towards 0 over n inner steps, restarted every outer step."""
+    return 0.5 * (1 + math.cos(math.pi * k / n))
+
+
+# ---------------------------------------------------------------------------
+# 4. Line search along the direction d.
+# ---------------------------------------------------------------------------
+
+def step_size_grid(smallest):
+    """The paper's grid {1, 2^-1/2, ..., 2^-2}, extended by half powers of 2 to `smallest`."""
+    n = int(round(-2 * math.log2(smallest)))
+    return [2 ** (-k / 2) for k in range(n + 1)]
+
+
+@torch.no_grad()
+def directional_model(model, params, d, ls_batches, H):
+    """Loss at θ0 and the GN model along d, averaged over the line-search batches.
+
+    One forward pass with tangent d per batch gives ℓ(θ0), the slope gᵀd
+    (exactly the loss's directional derivative) and the curvature dᵀGd, so the
+    quadratic's prediction at any step size η is slope·η + ½·curvature·η².
+    """
+    loss0 = slope = curvature = 0.0
+    for x, y in ls_batches:
+        z, jd = jvp(lambda p: functional_call(model, p, (x,)), (params,), (d,))
+        hjd = H.hvp(z, y, jd)
+        loss0 += H.value(z, y).item()
+        slope += (H.grad(z, y) * jd).sum().item()
+        curvature += (hjd * jd).sum().item()
+    n = len(ls_batches)
+    return loss0 / n, slope / n, curvature / n
+
+
+@torch.no_grad()
+def loss_at(model, params, d, eta, ls_batches, H):
+    """Mean true loss at θ0 + η d on the line-search batches."""
+    moved = {k: params[k] + eta * d[k] for k in params}
+    return sum(H.value(functional_call(model, moved, (x,)), y).item() for x, y in ls_batches) / len(ls_batches)
+
+
+def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4):
+    """Choose η for θ0 + η d. η = 0 (reject) when no candidate lowers the loss.
+
+    grid: the lowest loss over `step_size_grid(smallest)` and η = 0.
+    backtracking: halve η from 1 until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd (Armijo).
+    none: η = 1, unless the loss there is not finite.
+    Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
+    """
+    loss0, slope, curvature = directional_model(model, params, d, ls_batches, H)
+    if not all(math.isfinite(v) for v in (loss0, slope, curvature)):
+        return 0.0, loss0, loss0, slope, curvature
+    if method == "none":
+        loss1 = loss_at(model, params, d, 1.0, ls_batches, H)
+        return (1.0, loss0, loss1, slope, curvature) if math.isfinite(loss1) else (0.0, loss0, loss0, slope, curvature)
+    if method == "grid":
+        best_eta, best_loss = 0.0, loss0
+        for eta in step_size_grid(smallest):
+            loss = loss_at(model, params, d, eta, ls_batches, H)
+            if math.isfinite(loss) and loss < best_loss:
+                best_eta, best_loss = eta, loss
+        return best_eta, loss0, best_loss, slope, curvature
+    if method == "backtracking":
+        eta = 1.0
+        while slope < 0 and eta >= smallest:
+            loss = loss_at(model, params, d, eta, ls_batches, H)
+            if math.isfinite(loss) and loss <= loss0 + armijo_c * eta * slope:
+                return eta, loss0, loss, slope, curvature
+            eta /= 2
+        return 0.0, loss0, loss0, slope, curvature
+    raise ValueError(f"unknown line search {method!r}: choose grid, backtracking or none")
+
+
+# ---------------------------------------------------------------------------
+# 5. The optimizer.
+# ---------------------------------------------------------------------------
+
+INNER_SOLVERS = ("muon", "adamw", "soap", "shampoo", "cg")
+
+
+def default_blocks(model):
+    """Parameter names per block: `model.gn_blocks()`, else one per top-level child."""
+    if hasattr(model, "gn_blocks"):
+        return [names for _, names in model.gn_blocks()]
+    blocks = [[f"{child}.{n}" for n, _ in module.named_parameters()] for child, module in model.named_children()]
+    own = [n for n, _ in model.named_parameters(recurse=False)]
+    return [b for b in blocks + [own] if b]
+
+
+class GaussNewton(torch.optim.Optimizer):
+    """Gauss-Newton preconditioning with an inner optimizer, full or layerwise.
+
+    Every outer `step(batches, ls_batches)` builds GN quadratic models of the
+    loss around the current weights θ0 (one per block), minimizes them with
+    the inner solver over `inner_steps` micro-batches, then moves the weights
+    along the resulting direction by a line search on `ls_batches`.
+
+    model: an nn.Module whose `model(inputs)` gives the outputs.
+    mode: "layerwise" (one quadratic per block, the default and the practical
+        variant) or "full" (one quadratic over all parameters: the oracle).
+    loss: "ce" (targets: class indices) or "mse" (targets shaped like outputs).
+    inner: "muon" (Muon on hidden matrices, AdamW on the rest: the paper's),
+        "adamw", "soap", "shampoo", "cg", or a callable
+        (named_params, lr) -> torch.optim.Optimizer.
+    inner_lr: the inner optimizer's learning rate (param_groups[0]["lr"], so
+        an outer schedule can scale it); inner_steps: inner steps per outer
+        step (default: one per micro-batch; CG: iterations over all of them).
+    inner_schedule: "cosine" (restarted every outer step) or "constant".
+    clip: max gradient norm of each block's inner gradient (None: no clip).
+    prox_linear: minimize ℓ(z0 + JΔ) instead of its quadratic model.
+    line_search: "grid", "backtracking" or "none"; min_step_size: the
+        smallest step the grid or backtracking tries (layerwise blocks each
+        solve their own quadratic as if the others stood still, so their sum
+        overshoots: the step often has to be about 1/number of blocks).
+    damping: λ, adds λ/2‖Δ‖² to each quadratic.
+    warm_start: keep the inner optimizers' state across outer steps.
+    keep_iterate: also keep the inner iterate where the last inner loop ended
+        (the paper's code does; it drifts whenever the line search picks η < 1,
+        since θ then moved only ηd).
+    blocks: lists of parameter names (layerwise mode). Default: `default_blocks`.
+    """
+
+    def __init__(self, model, mode="layerwise", loss="ce", inner="muon", inner_steps=None,
+                 inner_lr=0.01, inner_schedule="cosine", weight_decay=0.0, clip=1.0,
+                 prox_linear=False, line_search="grid", min_step_size=None, damping=0.0,
+                 warm_start=True, keep_iterate=False, blocks=None, cg_tol=1e-10):
+        if mode not in ("layerwise", "full"):
+            raise ValueError(f"unknown mode {mode!r}: choose layerwise or full")
+        if isinstance(inner, str) and inner not in INNER_SOLVERS:
+            raise ValueError(f"unknown inner solver {inner!r}: choose one of {', '.join(INNER_SOLVERS)}")
+        if inner == "cg" and prox_linear:
+            raise ValueError("the cg inner solver needs the quadratic model: it cannot run prox_linear")
+        if line_search not in ("grid", "backtracking", "none"):
+            raise ValueError(f"unknown line search {line_search!r}: choose grid, backtracking or none")
+        if inner_schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
+        self.model, self.mode, self.loss, self.inner = model, mode, loss, inner
+        self.H = get_loss(loss)
+        self.named = dict(model.named_parameters())
+        super().__init__(list(self.named.values()), dict(lr=inner_lr))
+        self.inner_steps, self.inner_schedule, self.weight_decay, self.clip = inner_steps, inner_schedule, weight_decay, clip
+        self.prox_linear, self.line_search, self.damping, self.cg_tol = prox_linear, line_search, damping, cg_tol
+        self.warm_start, self.keep_iterate = warm_start, keep_iterate
+
+        if mode == "full":
+            blocks = [list(self.named)]
+        elif blocks is None:
+            blocks = default_blocks(model)
+        flat = [n for b in blocks for n in b]
+        if sorted(flat) != sorted(self.named):
+            raise ValueError("blocks must list every parameter of the model exactly once")
+        self.blocks = [list(b) for b in blocks]
+        # Block l may start from its cached input only when the blocks are the model's own.
+        self.cached_inputs = (mode == "layerwise" and hasattr(model, "block_inputs")
+                              and hasattr(model, "gn_blocks") and self.blocks == default_blocks(model))
+        if min_step_size is None:
+            min_step_size = 0.25 if len(self.blocks) == 1 else 2.0 ** -math.ceil(math.log2(4 * len(self.blocks)))
+        self.min_step_size = min_step_size
+
+        # The inner iterate θ0 + Δ, one tensor per parameter; the inner optimizers move it.
+        self.iterate = {n: p.detach().clone() for n, p in self.named.items()}
+        self.inner_opts = [self._make_inner({n: self.iterate[n] for n in b}) for b in self.blocks]
+        self.outer_steps = 0
+
+    def _make_inner(self, named):
+        if self.inner == "cg":
+            return None
+        lr = self.param_groups[0]["lr"]
+        if callable(self.inner):
+            opt = self.inner(list(named.items()), lr)
+        else:
+            opt = make_optimizer(self.inner, list(named.items()), lr=lr, weight_decay=self.weight_decay)
+        for group in opt.param_groups:  # the schedule scales every group's own lr
+            group["lr_ratio"] = group["lr"] / lr
+        return opt
+
+    def _block_functions(self, x):
+        """f_l: block l's parameters -> outputs, with every other block at θ0."""
+        model = self.model
+        if self.cached_inputs:
+            inputs = model.block_inputs(x)
+            return [lambda p, h=h, i=i: functional_call(model, p, (h,), {"start_block": i})
+                    for i, h in enumerate(inputs)]
+        return [lambda p: functional_call(model, p, (x,))] * len(self.blocks)
+
+    def _block_params(self, block):
+        return {n: self.named[n].detach() for n in block}
+
+    def _delta(self, block):
+        return {n: self.iterate[n] - self.named[n].detach() for n in block}
+
+    def _model_gradient(self, f, block, delta, y):
+        """∇ of block's damped quadratic (or prox-linear model) at delta."""
+        grad = model_gradient(f, self._block_params(block), delta, y, self.loss, self.prox_linear)[0]
+        return axpy(self.damping, delta, grad) if self.damping else grad
+
+    # -- inner solvers ------------------------------------------------------
+
+    def _first_order_inner_loop(self, batches, n_steps, stats):
+        """Each inner step: the next micro-batch, every block's ∇Q, one optimizer step."""
+        lr = self.param_groups[0]["lr"]
+        for k in range(n_steps):
+            x, y = batches[k % len(batches)]
+            factor = cosine_factor(k, n_steps) if self.inner_schedule == "cosine" else 1.0
+            fns = self._block_functions(x)
+            for block, f, opt in zip(self.blocks, fns, self.inner_opts):
+                grad = self._model_gradient(f, block, self._delta(block), y)
+                for n in block:
+                    self.iterate[n].grad = grad[n]
+                norm = torch.nn.utils.clip_grad_norm_([self.iterate[n] for n in block],
+                                                      self.clip if self.clip else float("inf"))
+                if not torch.isfinite(norm):
+                    return False
+                stats["inner_grad_norm"].append(norm.item())
+                for group in opt.param_groups:
+                    group["lr"] = group["lr_ratio"] * lr * factor
+                opt.step()
+        for n in self.iterate:
+            self.iterate[n].grad = None
+        return True
+
+    def _mean_block_map(self, batches, fn):
+        """For every block, fn(f_l, block, y) averaged over the micro-batches."""
+        totals = [None] * len(self.blocks)
+        for x, y in batches:
+            for i, (block, f) in enumerate(zip(self.blocks, self._block_functions(x))):
+                out = fn(f, block, y)
+                totals[i] = out if totals[i] is None else {k: totals[i][k] + out[k] for k in out}
+        return [{k: v / len(batches) for k, v in t.items()} for t in totals]
+
+    def _cg_inner_loop(self, batches, n_steps, stats):
+        """Linear CG on each block's damped quadratic averaged over all micro-batches.
+
+        Every block runs its own CG (its own step sizes α, β) on the
+        block-diagonal system (G_ll + λI) Δ_l = -∇Q_l(0); one pass over the
+        micro-batches computes all blocks' matvecs.
+        """
+        def neg_gradient(f, block, y):
+            return {k: -v for k, v in model_gradient(f, self._block_params(block), self._delta(block), y, self.loss)[0].items()}
+
+        def curvature(directions):
+            def fn(f, block, y):
+                p = {n: directions[n] for n in block}
+                return gn_matvec(f, self._block_params(block), p, y, self.loss)
+            return [axpy(self.damping, {n: directions[n] for n in b}, gp)
+                    for b, gp in zip(self.blocks, self._mean_block_map(batches, fn))]
+
+        residuals = [axpy(-self.damping, self._delta(b), r) for b, r in zip(self.blocks, self._mean_block_map(batches, neg_gradient))]
+        directions = [dict(r) for r in residuals]
+        rr = [dot(r, r) for r in residuals]
+        rr0 = [max(v.item(), 1e-300) for v in rr]
+        for _ in range(n_steps):
+            stats["inner_grad_norm"].append(math.sqrt(sum(v.item() for v in rr)))
+            if not math.isfinite(stats["inner_grad_norm"][-1]):
+                return False
+            active = [v.item() > self.cg_tol ** 2 * v0 for v, v0 in zip(rr, rr0)]
+            if not any(active):
+                break
+            flat = {n: t for p in directions for n, t in p.items()}
+            products = curvature(flat)
+            for i, block in enumerate(self.blocks):
+                pAp = dot(directions[i], products[i])
+                if not active[i] or pAp <= 0:
+                    continue
+                alpha = rr[i] / pAp
+                for n in block:
+                    self.iterate[n].add_(alpha * directions[i][n])
+                residuals[i] = axpy(-alpha, products[i], residuals[i])
+                rr_new = dot(residuals[i], residuals[i])
+                directions[i] = axpy(rr_new / rr[i], directions[i], residuals[i])
+                rr[i] = rr_new
+        return True
+
+    # -- the outer step -----------------------------------------------------
+
+    def step(self, batches, ls_batches=None):
+        """One outer GN step. Returns a dict of statistics (see the keys below)."""
+        start = time.perf_counter()
+        ls_batches = ls_batches or batches
+        n_steps = self.inner_steps or len(batches)
+        stats = {"inner_grad_norm": []}
+        if not self.keep_iterate:
+            for n, p in self.named.items():
+                self.iterate[n].copy_(p.detach())
+        if not self.warm_start:
+            for opt in self.inner_opts:
+                if opt is not None:
+                    opt.state.clear()
+
+        requires_grad = {n: p.requires_grad for n, p in self.named.items()}
+        for p in self.named.values():  # θ0 is a constant inside the inner loop
+            p.requires_grad_(False)
+        try:
+            inner_loop = self._cg_inner_loop if self.inner == "cg" else self._first_order_inner_loop
+            finite = inner_loop(batches, n_steps, stats)
+            params = {n: p.detach() for n, p in self.named.items()}
+            d = {n: self.iterate[n] - params[n] for n in params}
+            if finite:
+                eta, loss0, loss1, slope, curvature = line_search(
+                    self.model, params, d, ls_batches, self.H, self.line_search, self.min_step_size)
+            else:
+                eta, loss0, loss1, slope, curvature = 0.0, float("nan"), float("nan"), float("nan"), float("nan")
+        finally:
+            for n, p in self.named.items():
+                p.requires_grad_(requires_grad[n])
+
+        with torch.no_grad():
+            for n, p in self.named.items():
+                if eta:
+                    p.add_(d[n], alpha=eta)
+                if not finite:
+                    self.iterate[n].copy_(p)
+        if not finite:  # a non-finite inner loop leaves no trace in the inner state
+            for opt in self.inner_opts:
+                if opt is not None:
+                    opt.state.clear()
+        self.outer_steps += 1
+        return {
+            "step_size": eta,
+            "rejected": eta == 0.0,
+            "finite": finite,
+            "loss_before": loss0,
+            "loss_after": loss1,
+            "slope": slope,
+            "curvature": curvature,
+            # The full GN model's decrease along d (on the line-search batches):
+            # at η = 1, and at the chosen step.
+            "model_decrease": -(slope + 0.5 * curvature),
+            "predicted_decrease": -(slope * eta + 0.5 * curvature * eta ** 2),
+            "direction_norm": math.sqrt(dot(d, d).item()),
+            "inner_grad_norm_first": stats["inner_grad_norm"][0] if stats["inner_grad_norm"] else 0.0,
+            "inner_grad_norm_last": stats["inner_grad_norm"][-1] if stats["inner_grad_norm"] else 0.0,
+            "time_s": time.perf_counter() - start,
+        }
+
+    def state_dict(self):
+        return {
+            "lr": self.param_groups[0]["lr"],
+            "outer_steps": self.outer_steps,
+            "iterate": {n: t.clone() for n, t in self.iterate.items()},
+            "inner": [opt.state_dict() if opt is not None else None for opt in self.inner_opts],
+        }
+
+    def load_state_dict(self, state):
+        self.param_groups[0]["lr"] = state["lr"]
+        self.outer_steps = state["outer_steps"]
+        for n, t in state["iterate"].items():
+            self.iterate[n].copy_(t)
+        for opt, s in zip(self.inner_opts, state["inner"]):
+            if opt is not None:
+                opt.load_state_dict(s)
