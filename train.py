@@ -1,0 +1,283 @@
+"""Train a LLaMA-style language model with Gauss-Newton or a first-order baseline.
+
+    python train.py                               # tiny model, embedded corpus, AdamW
+    python train.py --opt gn_layerwise            # layerwise Gauss-Newton
+    python train.py --opt gn --model small --data input.txt --out runs/gn
+
+One outer step sees --micro-batches micro-batches of --batch-size sequences.
+First-order optimizers accumulate their gradients and take one step;
+Gauss-Newton takes one inner step per micro-batch on its quadratic model, then
+a line search on --ls-micro-batches fresh micro-batches. Every optimizer is
+compared at the same outer batch; metrics.jsonl counts every token a step used.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from baselines import DEFAULT_LR, make_optimizer
+from data import DataError, MicroBatches, eval_batches, load_dataset
+from gn import INNER_SOLVERS, GaussNewton
+from model import GPT, PRESETS
+
+FIRST_ORDER = ("adamw", "muon", "soap", "shampoo")
+GN_VARIANTS = {  # name: (mode, prox_linear)
+    "gn": ("full", False),
+    "gn_layerwise": ("layerwise", False),
+    "gn_prox": ("full", True),
+    "gn_layerwise_prox": ("layerwise", True),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit code 2: no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Train a language model with Gauss-Newton or a baseline optimizer.")
+    p.add_argument("--opt", default="adamw", choices=FIRST_ORDER + tuple(GN_VARIANTS), help="optimizer")
+    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model preset (model.py)")
+    p.add_argument("--data", default=None, help="default: the embedded CPython corpus; or a text file, a nanoGPT "
+                   "directory with train.bin/val.bin, or llm.c FineWeb shards (file, glob or directory)")
+    p.add_argument("--steps", type=positive(int), default=None,
+                   help="outer steps (default: 400 first-order, 40 Gauss-Newton)")
+    p.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
+    p.add_argument("--micro-batches", type=positive(int), default=8,
+                   help="micro-batches per outer step: the outer batch is batch-size x micro-batches sequences")
+    p.add_argument("--seq-len", type=positive(int), default=64, help="tokens per sequence")
+    p.add_argument("--lr", type=positive(float), default=None,
+                   help="peak learning rate of a first-order optimizer (default: tuned per optimizer)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="first-order global gradient-norm clip (0: off)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps before the cosine decay (default: 5%% of steps)")
+    p.add_argument("--eval-every", type=positive(int), default=None, help="evaluate every N steps (default: steps/10)")
+    p.add_argument("--eval-batches", type=positive(int), default=8, help="validation micro-batches per evaluation")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="stop when the validation loss reaches this value and report the step")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model and the batches")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype")
+    p.add_argument("--out", default=None, help="directory for metrics.jsonl and config.json")
+    p.add_argument("--sample-tokens", type=int, default=200, help="length of the text sample printed at the end")
+    gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
+    gn.add_argument("--inner", default="adamw", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
+    gn.add_argument("--inner-lr", type=positive(float), default=None,
+                    help="peak inner learning rate (default: tuned per inner solver); the outer schedule scales it")
+    gn.add_argument("--inner-steps", type=positive(int), default=None,
+                    help="inner steps per outer step (default: one per micro-batch)")
+    gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
+                    help="fresh micro-batches for the line search (default: as many as --micro-batches)")
+    gn.add_argument("--line-search", default="grid", choices=["grid", "backtracking", "none"], help="step-size rule")
+    gn.add_argument("--min-step-size", type=positive(float), default=None,
+                    help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
+    gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
+    gn.add_argument("--no-warm-start", action="store_true", help="reset the inner optimizer's state every outer step")
+    gn.add_argument("--ema", type=float, default=0.0,
+                    help="evaluate an exponential moving average of the weights with this decay (paper: 0.999)")
+    args = p.parse_args(argv)
+    is_gn = args.opt in GN_VARIANTS
+    if args.steps is None:
+        args.steps = 40 if is_gn else 400
+    if args.warmup is None:
+        args.warmup = 0 if is_gn else args.steps // 20
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 10)
+    if args.lr is None and not is_gn:
+        args.lr = DEFAULT_LR[args.opt]
+    if args.inner_lr is None and is_gn:
+        args.inner_lr = GN_INNER_LR[args.inner]
+    if args.ls_micro_batches is None:
+        args.ls_micro_batches = args.micro_batches
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must lie in [0, 1), got {args.ema}")
+    if args.warmup < 0 or args.warmup >= args.steps:
+        p.error(f"--warmup must lie in [0, steps), got {args.warmup}")
+    return args
+
+
+# Inner learning rates that train the tiny preset well (the paper: Muon 0.01 at 45M).
+GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
+
+
+def lr_factor(step, steps, warmup):
+    """Linear warmup, then cosine decay to 10% of the peak (step counts from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    model.eval()
+    loss = sum(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item() for x, y in batches)
+    model.train()
+    return loss / len(batches)
+
+
+def first_order_step(model, opt, batches, grad_clip):
+    """Accumulate the gradient over the micro-batches, then one optimizer step.
+
+    Returns the mean loss, or None (and no update) when it is not finite.
+    """
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in batches:
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()) / len(batches)
+        loss.backward()
+        total += loss.item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if not (math.isfinite(total) and torch.isfinite(norm)):
+        opt.zero_grad(set_to_none=True)
+        return None
+    opt.step()
+    return total
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+
+    data = load_dataset(args.data)
+    data.check(args.seq_len)
+    config = dataclasses.replace(PRESETS[args.model], vocab_size=data.vocab_size)
+    if args.seq_len > config.block_size:
+        fail(f"--seq-len {args.seq_len} exceeds the {args.model} model's context of {config.block_size}")
+    model = GPT(config).to(device=device, dtype=DTYPES[args.dtype])
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+
+    is_gn = args.opt in GN_VARIANTS
+    if is_gn:
+        mode, prox = GN_VARIANTS[args.opt]
+        opt = GaussNewton(model, mode=mode, inner=args.inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+                          weight_decay=args.weight_decay, prox_linear=prox, line_search=args.line_search,
+                          min_step_size=args.min_step_size, damping=args.damping, warm_start=not args.no_warm_start)
+        base_lr = args.inner_lr
+    else:
+        opt = make_optimizer(args.opt, list(model.named_parameters()), lr=args.lr, weight_decay=args.weight_decay)
+        base_lr = args.lr
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    train_batches = MicroBatches(data.train, args.batch_size, args.seq_len, seed=args.seed, device=device)
+    val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
+                               device=device)
+    tokens_per_batch = args.batch_size * args.seq_len
+
+    print(f"{args.opt} on {data.name}: {model.num_params() / 1e6:.2f}M parameters ({args.model}), "
+          f"{args.micro_batches} x {args.batch_size} x {args.seq_len} tokens per step, {device}, {args.dtype}")
+    metrics_file = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_json_atomic(os.path.join(args.out, "config.json"), {
+            **vars(args), "data_fingerprint": data.fingerprint, "vocab_size": data.vocab_size,
+            "n_params": model.num_params(), "torch_version": torch.__version__, "device": device})
+        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+
+    start, tokens, failures = time.perf_counter(), 0, 0
+    train_loss = val_loss = float("nan")
+    reached_step = None
+    bar = tqdm(range(1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout)
+    for step in bar:
+        factor = lr_factor(step - 1, args.steps, args.warmup)
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * factor
+        batches = train_batches.draw(args.micro_batches)
+        record = {"step": step}
+        if is_gn:
+            ls_batches = train_batches.draw(args.ls_micro_batches)
+            stats = opt.step(batches, ls_batches)
+            tokens += tokens_per_batch * (len(batches) + len(ls_batches))
+            loss = stats["loss_before"] if stats["finite"] else None
+            record.update({k: stats[k] for k in ("step_size", "loss_after", "model_decrease", "predicted_decrease",
+                                                 "inner_grad_norm_last", "direction_norm")})
+        else:
+            loss = first_order_step(model, opt, batches, args.grad_clip)
+            tokens += tokens_per_batch * len(batches)
+        if loss is None:
+            failures += 1
+            if failures >= 5:
+                fail(f"{failures} steps in a row had a non-finite loss or gradient (step {step}): "
+                     "lower the learning rate", code=1)
+            bar.write(f"step {step}: non-finite loss or gradient, step skipped")
+        else:
+            failures, train_loss = 0, loss
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - args.ema)
+        record.update({"tokens": tokens, "train_loss": loss, "lr": base_lr * factor,
+                       "time_s": time.perf_counter() - start})
+        if step % args.eval_every == 0 or step == args.steps or args.target_loss is not None:
+            val_loss = evaluate(ema if ema is not None else model, val_batches)
+            record["val_loss"] = val_loss
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if args.target_loss is not None and val_loss <= args.target_loss:
+            reached_step = step
+            break
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if metrics_file:
+        metrics_file.close()
+
+    print(f"done: {step} steps, {tokens:,} tokens, train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+          f"{elapsed:.1f}s")
+    if args.target_loss is not None:
+        print(f"target {args.target_loss}: " + (f"reached at step {reached_step}" if reached_step else "not reached"))
+    if args.sample_tokens > 0:
+        print("sample:", repr(sample(ema if ema is not None else model, data, args, device)))
+
+
+def sample(model, data, args, device):
+    """A short continuation of the start of a validation window, to see what the model learned."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = torch.as_tensor(np.asarray(data.val[:16], dtype=np.int64), device=device).unsqueeze(0)
+    out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=generator)
+    return data.decode(out[0].tolist())
+
+
+def fail(message, code=2):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        fail(str(e))
