@@ -1,0 +1,427 @@
+"""Tests of model.py, gn.py and train.py against independent references:
+explicit Jacobians and loss Hessians, torch's own Hessian-vector products,
+finite differences, closed-form least squares and a float64 L-BFGS optimum."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from gn import GaussNewton, gn_matvec, model_gradient, step_size_grid
+from model import GPT, GPTConfig, PRESETS
+
+
+def tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, mlp_hidden=12)).double()
+
+
+def small_mlp(out_dim, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, out_dim)).double()
+
+
+class Flat:
+    """Parameters as one flat vector and back, to build explicit matrices."""
+
+    def __init__(self, params):
+        self.names = list(params)
+        self.shapes = [params[n].shape for n in self.names]
+        self.vector = torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def dict(self, vector):
+        out, i = {}, 0
+        for n, s in zip(self.names, self.shapes):
+            out[n] = vector[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    def cat(self, d):
+        return torch.cat([d[n].reshape(-1) for n in self.names])
+
+
+def explicit_pieces(model, x, targets, loss):
+    """f, params, the explicit Jacobian J, output gradient g and loss Hessian H."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f = lambda p: functional_call(model, p, (x,))
+    flat = Flat(params)
+    J = torch.autograd.functional.jacobian(lambda v: f(flat.dict(v)), flat.vector).reshape(-1, flat.vector.numel())
+    z = f(params)
+    loss_of = (lambda zz: F.cross_entropy(zz.reshape(z.shape).flatten(0, -2), targets.flatten())) if loss == "ce" \
+        else (lambda zz: F.mse_loss(zz.reshape(z.shape), targets))
+    z_flat = z.detach().reshape(-1)
+    H = torch.autograd.functional.hessian(loss_of, z_flat)
+    g = torch.autograd.functional.jacobian(loss_of, z_flat)
+    return f, params, flat, J, g, H, loss_of
+
+
+def cases():
+    torch.manual_seed(1)
+    mlp_x = torch.randn(7, 4, dtype=torch.float64)
+    tok = torch.randint(0, 11, (2, 5))
+    return [
+        ("mlp-ce", small_mlp(3), mlp_x, torch.randint(0, 3, (7,)), "ce"),
+        ("mlp-mse", small_mlp(2), mlp_x, torch.randn(7, 2, dtype=torch.float64), "mse"),
+        ("gpt-ce", tiny_transformer(), tok, torch.randint(0, 11, (2, 5)), "ce"),
+        ("gpt-mse", tiny_transformer(), tok, torch.randn(2, 5, 11, dtype=torch.float64), "mse"),
+    ]
+
+
+# --- model.py ---------------------------------------------------------------
+
+def test_model_jvp_matches_central_differences():
+    model = tiny_transformer()
+    x = torch.randint(0, 11, (2, 6))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+    f = lambda p: functional_call(model, p, (x,))
+    _, jv = torch.func.jvp(f, (params,), (tangent,))
+
+    def central_difference(eps):
+        plus = f({k: params[k] + eps * tangent[k] for k in params})
+        minus = f({k: params[k] - eps * tangent[k] for k in params})
+        return (plus - minus) / (2 * eps)
+    # The central difference's error shrinks as eps²: by 100x per 10x smaller eps.
+    errors = [(central_difference(eps) - jv).abs().max().item() for eps in (1e-4, 1e-5, 1e-6)]
+    assert errors[2] < 1e-6 * jv.abs().max().item()
+    assert 50 < errors[0] / errors[1] < 200 and 50 < errors[1] / errors[2] < 200, errors
+
+
+def test_plain_attention_equals_sdpa_forward():
+    model = tiny_transformer()
+    x = torch.randint(0, 11, (3, 7))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    zero = {k: torch.zeros_like(v) for k, v in params.items()}
+    z_plain, _ = torch.func.jvp(lambda p: functional_call(model, p, (x,)), (params,), (zero,))
+    torch.testing.assert_close(z_plain, model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_gn_blocks_cover_every_parameter_once():
+    model = GPT(PRESETS["tiny"])
+    names = [n for _, block in model.gn_blocks() for n in block]
+    assert len(names) == len(set(names))
+    assert set(names) == {n for n, _ in model.named_parameters()}
+    assert [b for b, _ in model.gn_blocks()] == ["embed", "block0", "block1", "block2", "head"]
+    assert "norm.weight" in dict(model.gn_blocks())["block2"]
+
+
+def test_forward_from_cached_block_inputs_equals_full_forward():
+    model = tiny_transformer()
+    x = torch.randint(0, 11, (2, 6))
+    full = model(x)
+    inputs = model.block_inputs(x)
+    assert len(inputs) == len(model.gn_blocks())
+    for i, h in enumerate(inputs):
+        torch.testing.assert_close(model(h, start_block=i), full, rtol=0, atol=1e-13)
+
+
+def test_presets_build_with_their_sizes():
+    for name, millions in [("tiny", 0.38), ("45m", 45.4), ("150m", 148.3)]:
+        with torch.device("meta"):
+            assert abs(GPT(PRESETS[name]).num_params() / 1e6 - millions) < 0.1
+
+
+# --- gn.py: exactness -------------------------------------------------------
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])
+def test_gn_matvec_equals_explicit_jacobian_product(case):
+    _, model, x, targets, loss = case
+    f, params, flat, J, _, H, _ = explicit_pieces(model, x, targets, loss)
+    v = torch.randn_like(flat.vector)
+    got = flat.cat(gn_matvec(f, params, flat.dict(v), targets, loss=loss))
+    torch.testing.assert_close(got, J.T @ H @ J @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_gn_is_the_hessian_for_a_linear_model(loss):
+    torch.manual_seed(2)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    targets = torch.randint(0, 3, (9,)) if loss == "ce" else torch.randn(9, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = Flat(params)
+    f = lambda p: functional_call(model, p, (x,))
+    loss_fn = F.cross_entropy if loss == "ce" else F.mse_loss
+    v = torch.randn_like(flat.vector)
+    _, hv = torch.autograd.functional.hvp(lambda w: loss_fn(f(flat.dict(w)), targets), flat.vector, v)
+    got = flat.cat(gn_matvec(f, params, flat.dict(v), targets, loss=loss))
+    torch.testing.assert_close(got, hv, rtol=1e-10, atol=1e-12)
+
+
+def test_gn_matvec_float32_matches_float64():
+    _, model, x, targets, loss = cases()[2]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    exact = gn_matvec(lambda p: functional_call(model, p, (x,)), params, v, targets)
+    model32 = model.float()
+    got = gn_matvec(lambda p: functional_call(model32, p, (x,)), {k: p.float() for k, p in params.items()},
+                    {k: t.float() for k, t in v.items()}, targets)
+    for k in exact:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k].double(), exact[k], rtol=1e-3, atol=1e-6)
+
+
+def test_layerwise_matvecs_are_the_block_diagonal_of_G():
+    _, model, x, targets, _ = cases()[2]
+    _, params, flat, J, _, H, _ = explicit_pieces(model, x, targets, "ce")
+    G = J.T @ H @ J
+    opt = GaussNewton(model, mode="layerwise", inner="adamw")
+    assert opt.cached_inputs and len(opt.blocks) == 4
+    in_block = torch.cat([torch.full((params[n].numel(),), i) for n in flat.names
+                          for i, b in enumerate(opt.blocks) if n in b])
+    block_diagonal = torch.where(in_block[:, None] == in_block[None, :], G, 0.0)
+    v = flat.dict(torch.randn_like(flat.vector))
+    got = {}
+    for block, f_l in zip(opt.blocks, opt._block_functions(x)):  # f_l starts at its cached input
+        got.update(gn_matvec(f_l, {n: params[n] for n in block}, {n: v[n] for n in block}, targets))
+    torch.testing.assert_close(flat.cat(got), block_diagonal @ flat.cat(v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prox_linear", [False, True], ids=["quadratic", "prox-linear"])
+def test_inner_gradients_equal_gradients_of_their_objectives(prox_linear):
+    _, model, x, targets, _ = cases()[2]
+    f, params, flat, J, g, H, loss_of = explicit_pieces(model, x, targets, "ce")
+    z0 = f(params).detach().reshape(-1)
+    delta = (0.3 * torch.randn_like(flat.vector)).requires_grad_()
+    jd = J @ delta
+    if prox_linear:
+        objective = loss_of(z0 + jd) - loss_of(z0)
+    else:
+        objective = g @ jd + 0.5 * jd @ H @ jd
+    expected = torch.autograd.grad(objective, delta)[0]
+    grad, change, loss0 = model_gradient(f, params, flat.dict(delta.detach()), targets, prox_linear=prox_linear)
+    torch.testing.assert_close(flat.cat(grad), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(change, objective.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss0, loss_of(z0))
+
+
+def test_damped_cg_step_solves_the_damped_least_squares_system():
+    torch.manual_seed(3)
+    A = torch.randn(40, 6, dtype=torch.float64)
+    b = torch.randn(40, 2, dtype=torch.float64)
+    for damping in (0.0, 0.5):
+        model = nn.Linear(6, 2, bias=False).double()
+        w0 = model.weight.detach().clone()
+        opt = GaussNewton(model, mode="full", loss="mse", inner="cg", inner_steps=20, line_search="none",
+                          damping=damping)
+        opt.step([(A, b)])
+        # Normal equations of mean((A Wᵀ - b)²) with damping λ/2 ‖W - W0‖².
+        n = b.numel()
+        lhs = 2 / n * A.T @ A + damping * torch.eye(6, dtype=torch.float64)
+        rhs = 2 / n * A.T @ b + damping * w0.T
+        torch.testing.assert_close(model.weight.detach(), torch.linalg.solve(lhs, rhs).T, rtol=1e-9, atol=1e-10)
+
+
+def test_one_cg_step_lands_on_the_least_squares_solution():
+    torch.manual_seed(4)
+    A = torch.randn(50, 5, dtype=torch.float64)
+    b = A @ torch.randn(5, 3, dtype=torch.float64) + 0.1 * torch.randn(50, 3, dtype=torch.float64)
+    model = nn.Linear(5, 3).double()
+    opt = GaussNewton(model, mode="full", loss="mse", inner="cg", inner_steps=18, line_search="none")
+    opt.step([(A[:25], b[:25]), (A[25:], b[25:])])  # CG averages the quadratic over micro-batches
+    ones = torch.ones(50, 1, dtype=torch.float64)
+    solution = torch.linalg.lstsq(torch.cat([A, ones], 1), b).solution
+    torch.testing.assert_close(model.weight.detach(), solution[:5].T, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(model.bias.detach(), solution[5], rtol=1e-8, atol=1e-9)
+
+
+def test_gn_with_cg_converges_like_newton_on_logistic_regression():
+    torch.manual_seed(5)
+    x = torch.randn(200, 4, dtype=torch.float64)
+    # Labels drawn from a softmax of a linear score: classes overlap, so the optimum is finite.
+    labels = torch.multinomial((x @ torch.randn(4, 3, dtype=torch.float64)).softmax(-1), 1).squeeze(1)
+
+    reference = nn.Linear(4, 3).double()
+    lbfgs = torch.optim.LBFGS(reference.parameters(), lr=1, max_iter=500, tolerance_grad=1e-13,
+                              tolerance_change=0, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = F.cross_entropy(reference(x), labels)
+        loss.backward()
+        return loss
+    lbfgs.step(closure)
+    best = F.cross_entropy(reference(x), labels).item()
+
+    model = nn.Linear(4, 3).double()
+    opt = GaussNewton(model, mode="full", inner="cg", inner_steps=15, line_search="backtracking")
+    gaps = []
+    for _ in range(8):
+        opt.step([(x, labels)])
+        gaps.append(F.cross_entropy(model(x), labels).item() - best)
+    assert gaps[-1] < 1e-12
+    assert min(i for i, gap in enumerate(gaps) if gap < 1e-10) <= 6, gaps
+    # Newton's local quadratic convergence: the gap roughly squares once it is small.
+    assert any(1e-9 < a < 1e-3 and b < a ** 1.5 for a, b in zip(gaps, gaps[1:])), gaps
+    # The softmax logits are invariant to a shared shift, so compare probabilities.
+    torch.testing.assert_close(model(x).softmax(-1), reference(x).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+# --- gn.py: the optimizer on a transformer ---------------------------------
+
+def byte_batches(n, seed, batch=8, seq=8, vocab=11):
+    g = torch.Generator().manual_seed(seed)
+    # A repetitive sequence the model can learn quickly: next = (3·prev + 1) mod vocab, with noise.
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, vocab, (batch, 1), generator=g)
+        seqs = [start]
+        for _ in range(seq):
+            noise = (torch.rand(batch, 1, generator=g) < 0.1) * torch.randint(0, vocab, (batch, 1), generator=g)
+            seqs.append((3 * seqs[-1] + 1 + noise) % vocab)
+        s = torch.cat(seqs, 1)
+        out.append((s[:, :-1], s[:, 1:]))
+    return out
+
+
+@pytest.mark.parametrize("mode,inner", [("full", "adamw"), ("layerwise", "muon"), ("layerwise", "cg")])
+def test_gn_steps_lower_the_loss(mode, inner):
+    model = tiny_transformer().float()
+    opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=1.0 if inner == "cg" else 0.01)
+    first = last = None
+    for step in range(4):
+        stats = opt.step(byte_batches(4, seed=step), byte_batches(2, seed=100 + step))
+        assert stats["loss_after"] <= stats["loss_before"]
+        first = first or stats["loss_before"]
+        last = stats["loss_after"]
+    assert last < first - 0.05
+
+
+def test_cached_layerwise_path_equals_whole_forward_path():
+    batches, ls = byte_batches(3, seed=0), byte_batches(2, seed=1)
+    results = []
+    for reverse in (False, True):
+        model = tiny_transformer()
+        blocks = [names for _, names in model.gn_blocks()]
+        # The same blocks in another order: the optimizer falls back to whole forward passes.
+        opt = GaussNewton(model, inner="adamw", line_search="none", blocks=blocks[::-1] if reverse else blocks)
+        assert opt.cached_inputs is not reverse
+        opt.step(batches, ls)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def test_full_mode_is_the_one_block_case():
+    batches = byte_batches(2, seed=0)
+    results = []
+    for mode, blocks in (("full", None), ("layerwise", "one")):
+        model = tiny_transformer()
+        if blocks == "one":
+            blocks = [[n for n, _ in model.named_parameters()]]
+        GaussNewton(model, mode=mode, inner="adamw", line_search="none", blocks=blocks).step(batches)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["muon", "cg"])
+def test_state_dict_round_trip_continues_identically(inner):
+    model = tiny_transformer().float()
+    opt = GaussNewton(model, inner=inner, keep_iterate=True)
+    opt.step(byte_batches(2, seed=0))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # as a checkpoint on disk would hold it
+    opt.step(byte_batches(2, seed=1))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    resumed = tiny_transformer(seed=9).float()
+    resumed.load_state_dict(saved_model)
+    opt2 = GaussNewton(resumed, inner=inner, keep_iterate=True)
+    opt2.load_state_dict(saved_opt)
+    opt2.step(byte_batches(2, seed=1))
+    for a, b in zip(expected, resumed.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_non_finite_quadratic_is_rejected_and_weights_kept():
+    model = tiny_transformer()
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 11, (2, 5))
+    bad_targets = torch.full((2, 5, 11), float("nan"), dtype=torch.float64)
+    stats = GaussNewton(model, loss="mse", inner="adamw").step([(x, bad_targets)])
+    assert stats["rejected"] and not stats["finite"]
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_line_search_grid_contains_the_papers_points():
+    grid = step_size_grid(0.25)
+    torch.testing.assert_close(torch.tensor(grid), torch.tensor([1, 2 ** -0.5, 0.5, 2 ** -1.5, 0.25]))
+    assert min(step_size_grid(2 ** -5)) == 2 ** -5
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = tiny_transformer()
+    with pytest.raises(ValueError, match="mode"):
+        GaussNewton(model, mode="diagonal")
+    with pytest.raises(ValueError, match="inner"):
+        GaussNewton(model, inner="sgd")
+    with pytest.raises(ValueError, match="exactly once"):
+        GaussNewton(model, blocks=[["head.weight"]])
+    with pytest.raises(ValueError, match="prox_linear"):
+        GaussNewton(model, inner="cg", prox_linear=True)
+
+
+# --- train.py -----------------------------------------------------------------
+
+def run_train(*args, cwd=None):
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "gn_layerwise", "gn_prox"])
+def test_train_writes_metrics_and_config(opt, tmp_path):
+    out = tmp_path / opt
+    result = run_train("--opt", opt, "--steps", "3", "--micro-batches", "2", "--batch-size", "4",
+                       "--seq-len", "16", "--eval-every", "1", "--eval-batches", "2", "--sample-tokens", "8",
+                       "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"step", "tokens", "train_loss", "lr", "time_s", "val_loss"} <= set(r)
+    per_step = 4 * 16 * (2 if opt == "adamw" else 4)  # GN also counts its line-search micro-batches
+    assert [r["tokens"] for r in records] == [per_step, 2 * per_step, 3 * per_step]
+    config = json.loads((out / "config.json").read_text())
+    assert config["opt"] == opt and config["data_fingerprint"]["sha256"]
+    assert "torch_version" in config and config["device"] == "cpu"
+    assert "done: 3 steps" in result.stdout and "sample:" in result.stdout
+
+
+def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
+    from data import load_dataset
+    train = torch.as_tensor(load_dataset().train[:2_000_000].astype("int64"))
+    p = torch.bincount(train, minlength=256).double() / len(train)
+    unigram_entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    result = run_train("--steps", "60", "--micro-batches", "4", "--sample-tokens", "0", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_loss"] < unigram_entropy - 0.5, (records[-1]["val_loss"], unigram_entropy)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--opt", "sgd"], "invalid choice"),
+    (["--steps", "0"], "must be positive"),
+    (["--batch-size", "-3"], "must be positive"),
+    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--seq-len", "500"], "context"),
+    (["--ema", "1.5"], "--ema"),
+])
+def test_train_bad_input_gives_one_line_and_exit_code_2(args, message):
+    result = run_train(*args, "--steps", "1") if "--steps" not in args else run_train(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_train_rejects_empty_and_too_short_data(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"too short for a window")
+    for path in (empty, short):
+        result = run_train("--data", str(path), "--steps", "1")
+        assert result.returncode == 2 and str(path) in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
