@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="directory for metrics.jsonl and config.json")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the text sample printed at the end")
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
-    gn.add_argument("--inner", default="adamw", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
+    gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
     gn.add_argument("--inner-lr", type=positive(float), default=None,
                     help="peak inner learning rate (default: tuned per inner solver); the outer schedule scales it")
     gn.add_argument("--inner-steps", type=positive(int), default=None,
@@ -116,8 +116,11 @@ def parse_args(argv=None):
     return args
 
 
-# Inner learning rates that train the tiny preset well (the paper: Muon 0.01 at 45M).
-GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
+# Peak inner learning rates for the tiny preset. Measured at 20 outer steps of
+# 8 x 16 x 64 tokens (validation loss): full GN Muon 0.02 → 2.41, AdamW 3e-3 →
+# 2.82; layerwise Muon 0.01 → 2.54, 0.03 → 2.45, AdamW 3e-3 → 3.09. The paper
+# used Muon at 0.01 on its 45M model.
+GN_INNER_LR = {"adamw": 3e-3, "muon": 0.02, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
 
 
 def lr_factor(step, steps, warmup):
