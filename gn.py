@@ -48,6 +48,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
 
 from baselines import make_optimizer
@@ -125,8 +126,8 @@ def jvp_vjp(f, params, tangent, residual):
     `residual` maps (z, Jt) to the output-space cotangent.
     """
     primals = {k: p.detach().requires_grad_() for k, p in params.items()}
-    with torch.enable_grad():
-        z, jt = jvp(f, (primals,), (tangent,))
+    with torch.enable_grad(), forward_ad.dual_level():
+        z, jt = forward_ad.unpack_dual(f({k: forward_ad.make_dual(p, tangent[k]) for k, p in primals.items()}))
     z_value, jt = z.detach(), jt.detach()
     grads = torch.autograd.grad(z, list(primals.values()), grad_outputs=residual(z_value, jt))
     return z_value, jt, dict(zip(primals, grads))
