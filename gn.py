@@ -47,6 +47,7 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
@@ -167,6 +168,19 @@ def model_gradient(f, params, delta, targets, loss="ce", prox_linear=False):
 # 3. Small helpers over dicts of tensors (one dict per block).
 # ---------------------------------------------------------------------------
 
+def all_reduce_mean(tensors):
+    """Average tensors in place over data-parallel ranks; a no-op in one process.
+
+    Under torchrun every rank holds an equal share of each micro-batch, so the
+    mean of the ranks' inner gradients and losses is the global batch's.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(dist.get_world_size())
+    return tensors
+
+
 def dot(a, b):
     return sum((wide(a[k]) * wide(b[k])).sum() for k in a)
 
@@ -199,22 +213,21 @@ def directional_model(model, params, d, ls_batches, H):
     (exactly the loss's directional derivative) and the curvature dᵀGd, so the
     quadratic's prediction at any step size η is slope·η + ½·curvature·η².
     """
-    loss0 = slope = curvature = 0.0
+    totals = 0
     for x, y in ls_batches:
         z, jd = jvp(lambda p: functional_call(model, p, (x,)), (params,), (d,))
         hjd = H.hvp(z, y, jd)
-        loss0 += H.value(z, y).item()
-        slope += (H.grad(z, y) * jd).sum().item()
-        curvature += (hjd * jd).sum().item()
-    n = len(ls_batches)
-    return loss0 / n, slope / n, curvature / n
+        totals = totals + torch.stack([H.value(z, y), wide(H.grad(z, y) * jd).sum(), wide(hjd * jd).sum()])
+    loss0, slope, curvature = all_reduce_mean([totals / len(ls_batches)])[0].tolist()
+    return loss0, slope, curvature
 
 
 @torch.no_grad()
 def loss_at(model, params, d, eta, ls_batches, H):
     """Mean true loss at θ0 + η d on the line-search batches."""
     moved = {k: params[k] + eta * d[k] for k in params}
-    return sum(H.value(functional_call(model, moved, (x,)), y).item() for x, y in ls_batches) / len(ls_batches)
+    total = sum(H.value(functional_call(model, moved, (x,)), y) for x, y in ls_batches)
+    return all_reduce_mean([total / len(ls_batches)])[0].item()
 
 
 def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4):
@@ -339,6 +352,7 @@ class GaussNewton(torch.optim.Optimizer):
         self.iterate = {n: p.detach().clone() for n, p in self.named.items()}
         self.inner_opts = [self._make_inner({n: self.iterate[n] for n in b}) for b in self.blocks]
         self.outer_steps = 0
+        self.lr_backoff = 1.0  # halved after every non-finite inner loop
 
     def _make_inner(self, named):
         if self.inner == "cg":
@@ -376,13 +390,14 @@ class GaussNewton(torch.optim.Optimizer):
 
     def _first_order_inner_loop(self, batches, n_steps, stats):
         """Each inner step: the next micro-batch, every block's ∇Q, one optimizer step."""
-        lr = self.param_groups[0]["lr"]
+        lr = self.param_groups[0]["lr"] * self.lr_backoff
         for k in range(n_steps):
             x, y = batches[k % len(batches)]
             factor = cosine_factor(k, n_steps) if self.inner_schedule == "cosine" else 1.0
             fns = self._block_functions(x)
             for block, f, opt in zip(self.blocks, fns, self.inner_opts):
                 grad = self._model_gradient(f, block, self._delta(block), y)
+                all_reduce_mean(list(grad.values()))
                 for n in block:
                     self.iterate[n].grad = grad[n]
                 norm = torch.nn.utils.clip_grad_norm_([self.iterate[n] for n in block],
@@ -404,7 +419,9 @@ class GaussNewton(torch.optim.Optimizer):
             for i, (block, f) in enumerate(zip(self.blocks, self._block_functions(x))):
                 out = fn(f, block, y)
                 totals[i] = out if totals[i] is None else {k: totals[i][k] + out[k] for k in out}
-        return [{k: v / len(batches) for k, v in t.items()} for t in totals]
+        means = [{k: v / len(batches) for k, v in t.items()} for t in totals]
+        all_reduce_mean([v for m in means for v in m.values()])
+        return means
 
     def _cg_inner_loop(self, batches, n_steps, stats):
         """Linear CG on each block's damped quadratic averaged over all micro-batches.
@@ -488,7 +505,8 @@ class GaussNewton(torch.optim.Optimizer):
                     p.add_(d[n], alpha=eta)
                 if not finite:
                     self.iterate[n].copy_(p)
-        if not finite:  # a non-finite inner loop leaves no trace in the inner state
+        if not finite:  # no trace in the inner state, and a smaller inner lr from now on
+            self.lr_backoff /= 2
             for opt in self.inner_opts:
                 if opt is not None:
                     opt.state.clear()
@@ -515,13 +533,14 @@ class GaussNewton(torch.optim.Optimizer):
         return {
             "lr": self.param_groups[0]["lr"],
             "outer_steps": self.outer_steps,
+            "lr_backoff": self.lr_backoff,
             "iterate": {n: t.clone() for n, t in self.iterate.items()},
             "inner": [opt.state_dict() if opt is not None else None for opt in self.inner_opts],
         }
 
     def load_state_dict(self, state):
         self.param_groups[0]["lr"] = state["lr"]
-        self.outer_steps = state["outer_steps"]
+        self.outer_steps, self.lr_backoff = state["outer_steps"], state["lr_backoff"]
         for n, t in state["iterate"].items():
             self.iterate[n].copy_(t)
         for opt, s in zip(self.inner_opts, state["inner"]):

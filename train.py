@@ -16,19 +16,22 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from baselines import DEFAULT_LR, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
-from gn import INNER_SOLVERS, GaussNewton
+from gn import INNER_SOLVERS, GaussNewton, all_reduce_mean
 from model import GPT, PRESETS
 
+MAX_FAILURES = 5  # non-finite steps in a row before a run gives up
 FIRST_ORDER = ("adamw", "muon", "soap", "shampoo")
 GN_VARIANTS = {  # name: (mode, prox_linear)
     "gn": ("full", False),
@@ -79,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl and config.json")
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help="write DIR/ckpt.pt every N steps (default: every evaluation) and at the end")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its ckpt.pt")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the text sample printed at the end")
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
     gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
@@ -103,6 +109,8 @@ def parse_args(argv=None):
         args.warmup = 0 if is_gn else args.steps // 20
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 10)
+    if args.ckpt_every is None:
+        args.ckpt_every = args.eval_every
     if args.lr is None and not is_gn:
         args.lr = DEFAULT_LR[args.opt]
     if args.inner_lr is None and is_gn:
@@ -142,6 +150,7 @@ def evaluate(model, batches):
 def first_order_step(model, opt, batches, grad_clip):
     """Accumulate the gradient over the micro-batches, then one optimizer step.
 
+    Under torchrun the gradients and the loss are averaged over the ranks.
     Returns the mean loss, or None (and no update) when it is not finite.
     """
     opt.zero_grad(set_to_none=True)
@@ -149,8 +158,11 @@ def first_order_step(model, opt, batches, grad_clip):
     for x, y in batches:
         loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()) / len(batches)
         loss.backward()
-        total += loss.item()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        total += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    total = all_reduce_mean([total])[0].item()
+    all_reduce_mean([p.grad for p in params])
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if not (math.isfinite(total) and torch.isfinite(norm)):
         opt.zero_grad(set_to_none=True)
         return None
@@ -158,20 +170,62 @@ def first_order_step(model, opt, batches, grad_clip):
     return total
 
 
-def write_json_atomic(path, obj):
+def write_atomic(path, write):
+    """write(file) into a temporary file, flushed to disk, then renamed over path:
+    a crash leaves the old file or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# Options that define the run: a resumed run must be given the same ones.
+RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay", "grad_clip",
+                "warmup", "eval_batches", "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches",
+                "line_search", "min_step_size", "damping", "no_warm_start", "ema")
+
+
+def load_checkpoint(path, args, device):
+    if not os.path.isfile(path):
+        fail(f"{path}: no checkpoint to resume from")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        saved = ckpt["args"]
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    for key in RUN_DEFINING:
+        if saved.get(key) != getattr(args, key):
+            fail(f"{path}: --{key.replace('_', '-')} was {saved.get(key)!r} in the checkpoint, "
+                 f"{getattr(args, key)!r} now")
+    if ckpt["progress"]["step"] > args.steps:
+        fail(f"{path}: the checkpoint is at step {ckpt['progress']['step']}, beyond --steps {args.steps}")
+    return ckpt
+
+
+def setup_distributed(args):
+    """Rank, world size and device; under torchrun, join the process group."""
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but torch sees no CUDA device")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} does not split evenly over {world} processes")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
     data = load_dataset(args.data)
@@ -194,76 +248,132 @@ def main(argv=None):
         base_lr = args.lr
     base_lrs = [g["lr"] for g in opt.param_groups]
 
+    # Every rank draws the same global micro-batches and keeps its own rows.
     train_batches = MicroBatches(data.train, args.batch_size, args.seq_len, seed=args.seed, device=device)
     val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
                                device=device)
-    tokens_per_batch = args.batch_size * args.seq_len
+    share = args.batch_size // world
 
-    print(f"{args.opt} on {data.name}: {model.num_params() / 1e6:.2f}M parameters ({args.model}), "
-          f"{args.micro_batches} x {args.batch_size} x {args.seq_len} tokens per step, {device}, {args.dtype}")
+    def draw(k):
+        return [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+                for x, y in train_batches.draw(k)]
+
+    ckpt_path = os.path.join(args.out, "ckpt.pt") if args.out else None
+    progress = {"step": 0, "tokens": 0, "time_s": 0.0, "train_loss": float("nan"), "val_loss": float("nan"),
+                "failures": 0}
+    if args.resume:
+        if not args.out:
+            fail("--resume needs --out DIR, the directory holding ckpt.pt")
+        ckpt = load_checkpoint(ckpt_path, args, device)
+        if ckpt["model"]["head.weight"].shape != model.head.weight.shape:
+            fail(f"{ckpt_path}: the checkpoint's vocabulary ({ckpt['model']['head.weight'].shape[0]}) "
+                 f"does not match the data's ({data.vocab_size})")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        train_batches.load_state_dict(ckpt["batches"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        progress = ckpt["progress"]
+
+    def save_checkpoint():
+        if not (ckpt_path and master):
+            return
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict() if ema else None,
+                 "batches": train_batches.state_dict(), "rng": torch.get_rng_state(), "progress": progress,
+                 "args": vars(args)}
+        write_atomic(ckpt_path, lambda f: torch.save(state, f))
+
+    say(f"{args.opt} on {data.name}: {model.num_params() / 1e6:.2f}M parameters ({args.model}), "
+        f"{args.micro_batches} x {args.batch_size} x {args.seq_len} tokens per step, {device} x {world}, {args.dtype}")
     metrics_file = None
-    if args.out:
+    if args.out and master:
         os.makedirs(args.out, exist_ok=True)
-        write_json_atomic(os.path.join(args.out, "config.json"), {
+        write_atomic(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps({
             **vars(args), "data_fingerprint": data.fingerprint, "vocab_size": data.vocab_size,
-            "n_params": model.num_params(), "torch_version": torch.__version__, "device": device})
-        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+            "n_params": model.num_params(), "torch_version": torch.__version__, "device": device,
+            "world_size": world}, indent=2).encode()))
+        metrics_path = os.path.join(args.out, "metrics.jsonl")
+        kept = []
+        if args.resume and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= progress["step"]]
+        write_atomic(metrics_path, lambda f: f.write("".join(kept).encode()))
+        metrics_file = open(metrics_path, "a")
 
-    start, tokens, failures = time.perf_counter(), 0, 0
-    train_loss = val_loss = float("nan")
+    # Ctrl-C finishes the current step, writes a checkpoint and exits; a second one stops at once.
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_interrupt)
+
+    clock = time.perf_counter() - progress["time_s"]
     reached_step = None
-    bar = tqdm(range(1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(range(progress["step"] + 1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout,
+               initial=progress["step"], total=args.steps, disable=not master)
     for step in bar:
         factor = lr_factor(step - 1, args.steps, args.warmup)
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
-        batches = train_batches.draw(args.micro_batches)
+        batches = draw(args.micro_batches)
         record = {"step": step}
         if is_gn:
-            ls_batches = train_batches.draw(args.ls_micro_batches)
+            ls_batches = draw(args.ls_micro_batches)
             stats = opt.step(batches, ls_batches)
-            tokens += tokens_per_batch * (len(batches) + len(ls_batches))
+            progress["tokens"] += args.batch_size * args.seq_len * (len(batches) + len(ls_batches))
             loss = stats["loss_before"] if stats["finite"] else None
             record.update({k: stats[k] for k in ("step_size", "loss_after", "model_decrease", "predicted_decrease",
                                                  "inner_grad_norm_last", "direction_norm")})
         else:
             loss = first_order_step(model, opt, batches, args.grad_clip)
-            tokens += tokens_per_batch * len(batches)
+            progress["tokens"] += args.batch_size * args.seq_len * len(batches)
         if loss is None:
-            failures += 1
-            if failures >= 5:
-                fail(f"{failures} steps in a row had a non-finite loss or gradient (step {step}): "
+            progress["failures"] += 1
+            if progress["failures"] >= MAX_FAILURES:
+                fail(f"{MAX_FAILURES} steps in a row had a non-finite loss or gradient (step {step}): "
                      "lower the learning rate", code=1)
-            bar.write(f"step {step}: non-finite loss or gradient, step skipped")
+            if master:
+                bar.write(f"step {step}: non-finite loss or gradient, step skipped")
         else:
-            failures, train_loss = 0, loss
+            progress["failures"], progress["train_loss"] = 0, loss
         if ema is not None:
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - args.ema)
-        record.update({"tokens": tokens, "train_loss": loss, "lr": base_lr * factor,
-                       "time_s": time.perf_counter() - start})
+        progress["step"], progress["time_s"] = step, time.perf_counter() - clock
+        record.update({"tokens": progress["tokens"], "train_loss": loss, "lr": base_lr * factor,
+                       "time_s": progress["time_s"]})
         if step % args.eval_every == 0 or step == args.steps or args.target_loss is not None:
-            val_loss = evaluate(ema if ema is not None else model, val_batches)
-            record["val_loss"] = val_loss
-            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+            progress["val_loss"] = record["val_loss"] = evaluate(ema if ema is not None else model, val_batches)
+            bar.set_postfix(train=f"{progress['train_loss']:.3f}", val=f"{progress['val_loss']:.3f}")
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-        if args.target_loss is not None and val_loss <= args.target_loss:
+        if args.target_loss is not None and progress["val_loss"] <= args.target_loss:
             reached_step = step
             break
+        if interrupted:
+            break
+        if args.ckpt_every and step % args.ckpt_every == 0:
+            save_checkpoint()
     bar.close()
-    elapsed = time.perf_counter() - start
+    save_checkpoint()
     if metrics_file:
         metrics_file.close()
+    if interrupted:
+        say(f"interrupted after step {progress['step']}: checkpoint written, continue with --resume")
+        sys.exit(130)
 
-    print(f"done: {step} steps, {tokens:,} tokens, train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-          f"{elapsed:.1f}s")
+    say(f"done: {progress['step']} steps, {progress['tokens']:,} tokens, train loss {progress['train_loss']:.4f}, "
+        f"val loss {progress['val_loss']:.4f}, {progress['time_s']:.1f}s")
     if args.target_loss is not None:
-        print(f"target {args.target_loss}: " + (f"reached at step {reached_step}" if reached_step else "not reached"))
-    if args.sample_tokens > 0:
+        say(f"target {args.target_loss}: " + (f"reached at step {reached_step}" if reached_step else "not reached"))
+    if args.sample_tokens > 0 and master:
         print("sample:", repr(sample(ema if ema is not None else model, data, args, device)))
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def sample(model, data, args, device):

@@ -1,0 +1,199 @@
+"""Tests of train.py end to end: metrics and config files, learning, bad input,
+exact resume after Ctrl-C, non-finite steps, and data parallelism under torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from baselines import make_optimizer
+from gn import GaussNewton
+from model import GPT, GPTConfig
+
+SMALL_RUN = ["--steps", "3", "--micro-batches", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "1",
+             "--eval-batches", "2", "--sample-tokens", "0"]
+
+
+def run_train(*args, launcher=(sys.executable,)):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([*launcher, "train.py", *args], capture_output=True, text=True, timeout=240, env=env)
+
+
+def read_metrics(directory):
+    with open(os.path.join(directory, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("opt", ["adamw", "gn_layerwise", "gn_prox"])
+def test_train_writes_metrics_and_config(opt, tmp_path):
+    result = run_train("--opt", opt, *SMALL_RUN, "--sample-tokens", "8", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"step", "tokens", "train_loss", "lr", "time_s", "val_loss"} <= set(r)
+    per_step = 4 * 16 * (2 if opt == "adamw" else 4)  # GN also counts its line-search micro-batches
+    assert [r["tokens"] for r in records] == [per_step, 2 * per_step, 3 * per_step]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["opt"] == opt and config["data_fingerprint"]["sha256"]
+    assert "torch_version" in config and config["device"] == "cpu"
+    assert "done: 3 steps" in result.stdout and "sample:" in result.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["progress"]["step"] == 3
+
+
+def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
+    from data import load_dataset
+    train_tokens = torch.as_tensor(load_dataset().train[:2_000_000].astype("int64"))
+    p = torch.bincount(train_tokens, minlength=256).double() / len(train_tokens)
+    unigram_entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    result = run_train("--steps", "60", "--micro-batches", "4", "--sample-tokens", "0", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    final = read_metrics(tmp_path)[-1]["val_loss"]
+    assert final < unigram_entropy - 0.5, (final, unigram_entropy)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--opt", "sgd"], "invalid choice"),
+    (["--steps", "0"], "must be positive"),
+    (["--batch-size", "-3"], "must be positive"),
+    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--seq-len", "500"], "context"),
+    (["--ema", "1.5"], "--ema"),
+    (["--resume"], "--out"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(args, message):
+    result = run_train(*args, "--steps", "1") if "--steps" not in args else run_train(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_empty_and_too_short_data_are_rejected(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"too short for a window")
+    for path in (empty, short):
+        result = run_train("--data", str(path), "--steps", "1")
+        assert result.returncode == 2 and str(path) in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
+    result = run_train(*SMALL_RUN, "--out", str(tmp_path / "none"), "--resume")
+    assert result.returncode == 2 and "no checkpoint" in result.stderr
+    assert run_train(*SMALL_RUN, "--out", str(tmp_path)).returncode == 0
+    # Another option than the checkpoint's.
+    result = run_train(*SMALL_RUN, "--lr", "0.1", "--out", str(tmp_path), "--resume")
+    assert result.returncode == 2 and "--lr" in result.stderr
+    # Data whose vocabulary differs from the checkpointed model's.
+    text = tmp_path / "digits.txt"
+    text.write_bytes(b"0123456789" * 100)
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for split in ("train", "val"):
+        (torch.arange(2000) % 700).numpy().astype("uint16").tofile(tokens / f"{split}.bin")
+    data_run = tmp_path / "data_run"
+    assert run_train(*SMALL_RUN, "--data", str(text), "--out", str(data_run)).returncode == 0
+    ckpt_path = data_run / "ckpt.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["args"]["data"] = str(tokens)  # as if the run had named the token data
+    torch.save(ckpt, ckpt_path)
+    result = run_train(*SMALL_RUN, "--data", str(tokens), "--out", str(data_run), "--resume")
+    assert result.returncode == 2 and "vocabulary" in result.stderr
+    # A truncated checkpoint.
+    blob = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(blob[: len(blob) // 2])
+    result = run_train(*SMALL_RUN, "--out", str(tmp_path), "--resume")
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("opt", ["gn_layerwise", "muon"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(opt, tmp_path):
+    args = ["--opt", opt, "--steps", "8", "--eval-every", "2", "--micro-batches", "2", "--batch-size", "4",
+            "--seq-len", "16", "--sample-tokens", "0"]
+    assert run_train(*args, "--out", str(tmp_path / "whole")).returncode == 0
+    parts = tmp_path / "parts"
+    process = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(parts)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = parts / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, checkpoint, exit
+    _, err = process.communicate(timeout=120)
+    stopped_at = len(read_metrics(parts))
+    if process.returncode != 0:  # the run may have finished before the signal landed
+        assert process.returncode == 130, err
+        assert stopped_at < 8
+        result = run_train(*args, "--out", str(parts), "--resume")
+        assert result.returncode == 0, result.stderr
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(parts)
+    for record in whole + resumed:
+        record.pop("time_s")
+    assert resumed == whole
+
+
+def test_parameters_are_unchanged_by_a_non_finite_step():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, mlp_hidden=12))
+    x = torch.randint(0, 11, (4, 8))
+    y = torch.randint(0, 11, (4, 8))
+    poisoned = [False]
+    forward = model.forward
+    model.forward = lambda *a, **k: forward(*a, **k) * (float("nan") if poisoned[0] else 1.0)
+
+    for opt in (make_optimizer("adamw", list(model.named_parameters()), lr=1e-2),
+                GaussNewton(model, inner="muon")):
+        before = [p.detach().clone() for p in model.parameters()]
+        poisoned[0] = True
+        if isinstance(opt, GaussNewton):
+            stats = opt.step([(x, y)])
+            assert stats["rejected"] and not stats["finite"] and opt.lr_backoff == 0.5
+        else:
+            assert train.first_order_step(model, opt, [(x, y)], grad_clip=1.0) is None
+        for a, b in zip(before, model.parameters()):
+            assert torch.equal(a, b.detach())
+        poisoned[0] = False  # and the next step goes on normally
+        if isinstance(opt, GaussNewton):
+            assert opt.step([(x, y)])["finite"]
+        else:
+            assert train.first_order_step(model, opt, [(x, y)], grad_clip=1.0) is not None
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("opt", ["adamw", "gn"])
+def test_run_continues_past_an_injected_non_finite_step(opt, tmp_path, monkeypatch):
+    poisoned_step = 2
+    current = {}
+    real_factor = train.lr_factor
+    monkeypatch.setattr(train, "lr_factor", lambda step, *a: current.update(step=step + 1) or real_factor(step, *a))
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: real_forward(self, *a, **k) * (
+        float("nan") if current.get("step") == poisoned_step and self.training else 1.0))
+    train.main(["--opt", opt, *SMALL_RUN, "--steps", "4", "--out", str(tmp_path)])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[1]["train_loss"] is None
+    assert all(r["train_loss"] is not None and r["val_loss"] < 10 for r in records[2:])
+
+
+@pytest.mark.parametrize("opt", ["adamw", "gn_layerwise"])
+def test_torchrun_two_processes_match_one(opt, tmp_path):
+    args = ["--opt", opt, *SMALL_RUN]
+    single = run_train(*args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = run_train(*args, "--out", str(tmp_path / "two"),
+                       launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert double.returncode == 0, double.stderr
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    for a, b in zip(one, two, strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
