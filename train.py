@@ -222,6 +222,8 @@ def setup_distributed(args):
 
 
 def main(argv=None):
+    """Run training with command-line arguments argv; returns the final progress
+    (step, tokens, time_s, train_loss, val_loss, reached_step)."""
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
     master = rank == 0
@@ -374,6 +376,7 @@ def main(argv=None):
         print("sample:", repr(sample(ema if ema is not None else model, data, args, device)))
     if world > 1:
         dist.destroy_process_group()
+    return {**progress, "reached_step": reached_step}
 
 
 def sample(model, data, args, device):
