@@ -200,9 +200,13 @@ def cosine_factor(k, n):
 # ---------------------------------------------------------------------------
 
 def step_size_grid(smallest):
-    """The paper's grid {1, 2^-1/2, ..., 2^-2}, extended by half powers of 2 to `smallest`."""
-    n = int(round(-2 * math.log2(smallest)))
-    return [2 ** (-k / 2) for k in range(n + 1)]
+    """The paper's grid {1, 2^-1/2, ..., 2^-2}, then whole powers of 2 down to `smallest`.
+
+    Every point costs a forward pass over the line-search batches, so below
+    the paper's range the grid thins out.
+    """
+    paper = [2 ** (-k / 2) for k in range(5)]
+    return [eta for eta in paper if eta >= smallest] + [2.0 ** -k for k in range(3, 64) if 2.0 ** -k >= smallest]
 
 
 @torch.no_grad()
@@ -309,6 +313,14 @@ class GaussNewton(torch.optim.Optimizer):
         (the paper's code does; it drifts whenever the line search picks η < 1,
         since θ then moved only ηd).
     blocks: lists of parameter names (layerwise mode). Default: `default_blocks`.
+    weight_decay: the inner optimizer's, applied to the iterate θ0 + Δ (as the
+        paper's inner loop decays the weights themselves).
+
+    A step whose inner gradients, quadratic or line-search losses are not
+    finite is rejected: θ0 stays, the inner state is cleared and the inner
+    learning rate is halved from then on (`lr_backoff`). Under torch.distributed
+    each rank passes its share of every micro-batch; inner gradients and
+    line-search losses are averaged over the ranks, so all ranks take the same step.
     """
 
     def __init__(self, model, mode="layerwise", loss="ce", inner="muon", inner_steps=None,

@@ -348,7 +348,8 @@ def test_non_finite_quadratic_is_rejected_and_weights_kept():
 def test_line_search_grid_contains_the_papers_points():
     grid = step_size_grid(0.25)
     torch.testing.assert_close(torch.tensor(grid), torch.tensor([1, 2 ** -0.5, 0.5, 2 ** -1.5, 0.25]))
-    assert min(step_size_grid(2 ** -5)) == 2 ** -5
+    assert step_size_grid(2 ** -5)[5:] == [2 ** -3, 2 ** -4, 2 ** -5]
+    assert step_size_grid(0.5) == [1, 2 ** -0.5, 0.5]
 
 
 def test_bad_arguments_raise_clear_errors():
