@@ -65,6 +65,8 @@ def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
     (["--seq-len", "500"], "context"),
     (["--ema", "1.5"], "--ema"),
     (["--resume"], "--out"),
+    (["--opt", "gn", "--lr", "0.1"], "--inner-lr"),
+    (["--opt", "muon", "--inner-lr", "0.1"], "--lr"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(args, message):
     result = run_train(*args, "--steps", "1") if "--steps" not in args else run_train(*args)

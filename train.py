@@ -103,6 +103,10 @@ def parse_args(argv=None):
                     help="evaluate an exponential moving average of the weights with this decay (paper: 0.999)")
     args = p.parse_args(argv)
     is_gn = args.opt in GN_VARIANTS
+    if is_gn and args.lr is not None:
+        p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
+    if not is_gn and args.inner_lr is not None:
+        p.error(f"--inner-lr is Gauss-Newton's: {args.opt} takes --lr")
     if args.steps is None:
         args.steps = 40 if is_gn else 400
     if args.warmup is None:
