@@ -303,6 +303,20 @@ def test_cached_layerwise_path_equals_whole_forward_path():
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
+def test_one_sgd_inner_step_from_zero_is_a_gradient_step():
+    # ∇Q(0) = Jᵀ g_z is the loss gradient, so a callable inner SGD taking one
+    # unclipped step at constant lr moves θ by -lr ∇ℓ(θ0), as autograd says.
+    model = tiny_transformer()
+    (x, y), = byte_batches(1, seed=0)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    expected = [p.detach() - 0.1 * g for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters())))]
+    opt = GaussNewton(model, mode="full", inner=lambda named, lr: torch.optim.SGD([t for _, t in named], lr=lr),
+                      inner_lr=0.1, inner_schedule="constant", clip=None, line_search="none")
+    opt.step([(x, y)])
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
+
+
 def test_full_mode_is_the_one_block_case():
     batches = byte_batches(2, seed=0)
     results = []

@@ -29,8 +29,8 @@ def read_metrics(directory):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("opt", ["adamw", "gn_layerwise", "gn_prox"])
-def test_train_writes_metrics_and_config(opt, tmp_path):
+@pytest.mark.parametrize("opt", ["adamw", "gn", "gn_layerwise", "gn_prox"])
+def test_train_writes_metrics_and_config_and_lowers_the_loss(opt, tmp_path):
     result = run_train("--opt", opt, *SMALL_RUN, "--sample-tokens", "8", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     records = read_metrics(tmp_path)
@@ -39,6 +39,7 @@ def test_train_writes_metrics_and_config(opt, tmp_path):
         assert {"step", "tokens", "train_loss", "lr", "time_s", "val_loss"} <= set(r)
     per_step = 4 * 16 * (2 if opt == "adamw" else 4)  # GN also counts its line-search micro-batches
     assert [r["tokens"] for r in records] == [per_step, 2 * per_step, 3 * per_step]
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.1
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["opt"] == opt and config["data_fingerprint"]["sha256"]
     assert "torch_version" in config and config["device"] == "cpu"
