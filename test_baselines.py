@@ -1,183 +1,337 @@
-"""Tests of baselines.py against independent references: the SVD, Adam written
-out in an eigh eigenbasis, inverse roots from eigh, and plain descent checks."""
+"""Tests for baselines.py: Muon, SOAP, Shampoo and make_optimizer.
+
+Exactness checks run in float64 against references written here from the
+papers' formulas; training checks use the tiny GPT on bytes of Python's own
+documentation (pydoc_data.topics).
+"""
 import copy
 
-import pydoc_data.topics
 import pytest
 import torch
 import torch.nn.functional as F
+from pydoc_data.topics import topics
 
-from baselines import SOAP, Shampoo, make_optimizer, newton_schulz, split_muon_params
+from baselines import DEFAULT_LR, SOAP, Muon, Shampoo, make_optimizer, newton_schulz, split_muon_params
 from model import GPT, PRESETS
 
+NAMES = ["adamw", "muon", "soap", "shampoo"]
+OURS = ["muon", "soap", "shampoo"]
+TEXT = torch.frombuffer(bytearray("\n".join(topics[k] for k in sorted(topics)).encode()), dtype=torch.uint8).long()
 
-@pytest.mark.parametrize("shape", [(32, 64), (64, 32)])
-def test_newton_schulz_orthogonalizes_within_its_band(shape):
-    torch.manual_seed(0)
-    G = torch.randn(*shape, dtype=torch.float64)
+
+def batch(generator, batch_size=8, seq_len=32):
+    start = torch.randint(len(TEXT) - seq_len - 1, (batch_size,), generator=generator)
+    window = torch.stack([TEXT[s:s + seq_len + 1] for s in start.tolist()])
+    return window[:, :-1], window[:, 1:]
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+
+def train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+
+
+def tiny_gpt(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return GPT(PRESETS["tiny"]).to(dtype)
+
+
+# --- Newton-Schulz ----------------------------------------------------------
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+
+
+def well_conditioned(shape, gen):
+    """Wide or tall Gaussian matrices are well conditioned; a square one is
+    not, so square ones get singular values spread evenly over [0.05, 1]."""
+    if shape[0] != shape[1]:
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+    U, V = (torch.linalg.qr(torch.randn(shape, generator=gen, dtype=torch.float64)).Q for _ in range(2))
+    return U @ torch.diag(torch.linspace(0.05, 1, shape[0], dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
+def test_newton_schulz_maps_singular_values_by_the_quintic(shape):
+    G = well_conditioned(shape, torch.Generator().manual_seed(1))
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     X = newton_schulz(G)
-    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    # The iteration is an odd polynomial in G, so X = U p(S) Vᵀ: same singular vectors...
-    core = U.T @ X @ Vh.T
-    off_diagonal = core - torch.diag(torch.diag(core))
-    assert off_diagonal.abs().max() < 1e-9
-    # ...and singular values pulled into the band the quintic is tuned for (about 0.7 to 1.2).
-    s = torch.diag(core)
-    assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
-    # Hence close to U Vᵀ, the exact orthogonalization.
-    assert (X - U @ Vh).norm() / (U @ Vh).norm() < 0.3
+
+    # The iteration is an odd matrix polynomial: it keeps U and V and applies
+    # p(s) = a s + b s³ + c s⁵ five times to the Frobenius-normalized spectrum
+    # (normalized with newton_schulz's default eps = 1e-7 added to the norm).
+    s = S / (G.norm() + 1e-7)
+    a, b, c = QUINTIC
+    for _ in range(5):
+        s = a * s + b * s**3 + c * s**5
+    torch.testing.assert_close(X, U @ torch.diag(s) @ Vh, rtol=1e-6, atol=1e-9)
+
+    # Iterating p five times maps every s in [0.003, 1] into [0.68, 1.21] (checked
+    # on a fine grid when writing this); these inputs have s_min / ‖G‖_F
+    # well above 0.003.
+    assert (S.min() / G.norm()).item() > 0.003
+    sv = torch.linalg.svdvals(X)
+    assert sv.min() > 0.68 and sv.max() < 1.21, sv
+    # So X is U Vᵀ up to that spread: relative Frobenius error at most
+    # max |s − 1| = 0.32 over the band (measured about 0.22).
+    UVt = U @ Vh
+    assert (X - UVt).norm() / UVt.norm() < 0.32
+
+
+# --- SOAP ---------------------------------------------------------------------
 
 
 def test_soap_equals_adam_in_the_exact_eigenbasis():
-    torch.manual_seed(1)
-    # Square, so that G Gᵀ and Gᵀ G have full rank from the first step: a null
-    # space would leave the eigenbasis, and so the comparison, undetermined.
-    W = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-    grads = [torch.randn(4, 4, dtype=torch.float64) for _ in range(6)]
-    lr, (b1, b2), beta, eps, wd = 0.1, (0.9, 0.95), 0.8, 1e-8, 0.01
-    opt = SOAP([W], lr=lr, betas=(b1, b2), shampoo_beta=beta, eps=eps, weight_decay=wd,
-               precondition_frequency=1, exact_eigh=True)
+    """SOAP with an eigh refresh every step, against Adam written out in the
+    eigenbasis of the factors (the SOAP paper's Algorithm, with the reference
+    code's first step that only measures the gradient)."""
+    lr, (beta1, beta2), shampoo_beta, eps, wd = 0.1, (0.9, 0.99), 0.8, 1e-8, 0.1
+    gen = torch.Generator().manual_seed(0)
+    # "wide": both sides preconditioned; "long": its 9-side exceeds
+    # max_precond_dim=5 and keeps the identity; "gain": 1-D, plain Adam.
+    shapes = {"wide": (3, 4), "long": (3, 9), "gain": (5,)}
+    params = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    opt = SOAP(list(params.values()), lr=lr, betas=(beta1, beta2), shampoo_beta=shampoo_beta, eps=eps,
+               weight_decay=wd, precondition_frequency=1, max_precond_dim=5, exact_eigh=True)
 
-    def eigenbasis(M):
-        return torch.linalg.eigh(M).eigenvectors
+    def eigenbasis(M):  # eigenvectors by decreasing eigenvalue, or identity past max_precond_dim
+        return torch.eye(len(M), dtype=M.dtype) if len(M) > 5 else torch.linalg.eigh(M).eigenvectors.flip(-1)
 
-    w = W.detach().clone()
-    L, R = torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
-    m, v = torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
-    QL = QR = None
-    for t, G in enumerate(grads):
-        W.grad = G.clone()
+    ref = {}
+    for n, p in params.items():
+        G0 = torch.zeros_like(p) if p.ndim == 2 else torch.zeros_like(p)[:, None]  # 1-D as a column
+        ref[n] = dict(W=p.clone(), M=torch.zeros_like(G0), V=torch.zeros_like(G0),
+                      L=torch.zeros(len(G0), len(G0), dtype=p.dtype),
+                      R=torch.zeros(G0.shape[1], G0.shape[1], dtype=p.dtype))
+
+    for k in range(8):
+        grads = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
+        for n, p in params.items():
+            p.grad = grads[n].clone()
         opt.step()
-        if t > 0:  # SOAP's first step only builds the first eigenbasis
-            m = b1 * m + (1 - b1) * G
-            v = b2 * v + (1 - b2) * (QL.T @ G @ QR) ** 2
-            m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
-            w = w * (1 - lr * wd) - lr * QL @ ((QL.T @ m_hat @ QR) / (v_hat.sqrt() + eps)) @ QR.T
-        L = beta * L + (1 - beta) * G @ G.T
-        R = beta * R + (1 - beta) * G.T @ G
-        QL, QR = eigenbasis(L), eigenbasis(R)
-        torch.testing.assert_close(W.detach(), w, rtol=1e-10, atol=1e-12)
+
+        for n, r in ref.items():
+            G = grads[n] if grads[n].ndim == 2 else grads[n][:, None]
+            if k > 0:  # the first step moves nothing
+                if grads[n].ndim == 2:
+                    QL, QR = r["QL"], r["QR"]
+                else:
+                    QL, QR = torch.eye(len(G), dtype=G.dtype), torch.eye(1, dtype=G.dtype)
+                r["M"] = beta1 * r["M"] + (1 - beta1) * G
+                r["V"] = beta2 * r["V"] + (1 - beta2) * (QL.T @ G @ QR) ** 2
+                m_hat, v_hat = r["M"] / (1 - beta1**k), r["V"] / (1 - beta2**k)
+                N = QL @ ((QL.T @ m_hat @ QR) / (v_hat.sqrt() + eps)) @ QR.T
+                r["W"] = r["W"] * (1 - lr * wd) - lr * N.reshape(r["W"].shape)
+            r["L"] = shampoo_beta * r["L"] + (1 - shampoo_beta) * G @ G.T
+            r["R"] = shampoo_beta * r["R"] + (1 - shampoo_beta) * G.T @ G
+            r["QL"], r["QR"] = eigenbasis(r["L"]), eigenbasis(r["R"])
+            torch.testing.assert_close(params[n], r["W"], rtol=1e-9, atol=1e-11, msg=f"{n}, step {k}")
+    assert not torch.equal(params["wide"], ref["wide"]["W"].new_zeros(3, 4))
 
 
-def test_shampoo_direction_and_adam_grafted_norm():
-    torch.manual_seed(2)
-    W = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    grads = [torch.randn(6, 4, dtype=torch.float64) for _ in range(3)]
-    lr, b2, eps, eps_root = 0.05, 0.99, 1e-8, 1e-6
-    opt = Shampoo([W], lr=lr, betas=(0.0, b2), eps=eps, update_freq=1, eps_root=eps_root)
+# --- Shampoo --------------------------------------------------------------------
 
-    def inverse_fourth_root(M):
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_shampoo_direction_and_adam_grafted_norm(one_sided):
+    """With beta1 = 0 (no momentum) every step is L^(-1/4) G R^(-1/4), computed
+    here with eigh, rescaled to the norm of Adam's G / (√v̂ + eps). With the
+    6-side above max_precond_dim it is L^(-1/2) G."""
+    lr, beta2, eps, factor_beta, eps_root = 0.5, 0.95, 1e-8, 0.9, 1e-6
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    opt = Shampoo([W], lr=lr, betas=(0.0, beta2), eps=eps, factor_beta=factor_beta, update_freq=1,
+                  eps_root=eps_root, max_precond_dim=5 if one_sided else 10000)
+    power = -0.5 if one_sided else -0.25
+
+    def inverse_root(M):
         lam, Q = torch.linalg.eigh(M)
-        return Q @ torch.diag((lam.clamp(min=0) + eps_root * lam.max()) ** -0.25) @ Q.T
+        return Q @ torch.diag((lam + eps_root * lam.max()) ** power) @ Q.T
 
-    L, R = torch.zeros(6, 6, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
-    v = torch.zeros(6, 4, dtype=torch.float64)
-    for t, G in enumerate(grads, start=1):
-        before = W.detach().clone()
+    L, R, V = torch.zeros(4, 4, dtype=W.dtype), torch.zeros(6, 6, dtype=W.dtype), torch.zeros_like(W)
+    for t in range(1, 5):
+        G = torch.randn(4, 6, generator=gen, dtype=torch.float64)
         W.grad = G.clone()
+        before = W.clone()
         opt.step()
-        L, R = L + G @ G.T, R + G.T @ G
-        v = b2 * v + (1 - b2) * G ** 2
-        adam_step = G / ((v / (1 - b2 ** t)).sqrt() + eps)
-        direction = inverse_fourth_root(L) @ G @ inverse_fourth_root(R)
-        step = (before - W.detach()) / lr  # no momentum (beta1 = 0), no weight decay
-        torch.testing.assert_close(step.norm(), adam_step.norm(), rtol=1e-10, atol=0)
-        torch.testing.assert_close(step, direction * adam_step.norm() / direction.norm(), rtol=1e-8, atol=1e-12)
+        step = (before - W) / lr
+
+        L, R = factor_beta * L + G @ G.T, factor_beta * R + G.T @ G
+        V = beta2 * V + (1 - beta2) * G**2
+        direction = inverse_root(L) @ G if one_sided else inverse_root(L) @ G @ inverse_root(R)
+        adam = G / ((V / (1 - beta2**t)).sqrt() + eps)
+        torch.testing.assert_close(step / step.norm(), direction / direction.norm(), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(step.norm(), adam.norm(), rtol=1e-9, atol=0)
+        # ... and it is not just Adam's step: the preconditioner matters here.
+        assert (step - adam).norm() > 0.1 * adam.norm()
 
 
-OPTIMIZERS = ["adamw", "muon", "soap", "shampoo"]
+# --- Muon ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_optimizer_lowers_a_convex_quadratic(name):
-    torch.manual_seed(3)
-    A = torch.randn(20, 8)
-    B = torch.randn(20, 6)
-    W = torch.zeros(8, 6, requires_grad=True)
-    opt = make_optimizer(name, [("hidden.weight", W)], lr=0.02)
-    best = torch.linalg.lstsq(A, B).solution
+def test_muon_steps_match_their_formulas():
+    """Muon group: Nesterov momentum, then newton_schulz (checked above), scaled
+    by max(1, rows/cols)^0.5, decoupled decay. AdamW group: torch.optim.AdamW."""
+    lr, momentum, wd, adamw_lr, betas = 0.05, 0.9, 0.1, 0.01, (0.8, 0.9)
+    gen = torch.Generator().manual_seed(0)
+    W, gain = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    opt = Muon([dict(params=[W]), dict(params=[gain], use_muon=False, lr=adamw_lr)],
+               lr=lr, momentum=momentum, weight_decay=wd, betas=betas, eps=1e-8)
+    W_ref, gain_ref = W.clone(), gain.clone().requires_grad_()
+    adamw = torch.optim.AdamW([gain_ref], lr=adamw_lr, betas=betas, eps=1e-8, weight_decay=wd)
+    buf = torch.zeros_like(W)
+    for _ in range(4):
+        G, g = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+        W.grad, gain.grad, gain_ref.grad = G, g.clone(), g.clone()
+        opt.step()
+        adamw.step()
+        buf = momentum * buf + (1 - momentum) * G
+        nesterov = (1 - momentum) * G + momentum * buf
+        W_ref = W_ref * (1 - lr * wd) - lr * 2**0.5 * newton_schulz(nesterov)  # 8 rows / 4 cols
+        torch.testing.assert_close(W, W_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gain, gain_ref.detach(), rtol=1e-10, atol=1e-12)
+
+
+# --- all optimizers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lowers_a_convex_quadratic(name):
+    """½‖X W + b − Y‖² / n with W a matrix (Muon's part) and b a vector (AdamW's)."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 12, generator=gen), torch.randn(64, 8, generator=gen)
+    W, b = torch.zeros(12, 8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    opt = make_optimizer(name, [("w", W), ("b", b)], lr=0.02, precondition_frequency=5) if name == "soap" \
+        else make_optimizer(name, [("w", W), ("b", b)], lr=0.02)
 
     def loss():
-        return 0.5 * (A @ W - B).square().mean()
-    start, optimum = loss().item(), 0.5 * (A @ best - B).square().mean().item()
-    for _ in range(150):
+        return 0.5 * (X @ W + b - Y).square().sum(1).mean()
+
+    start = loss().item()
+    for _ in range(60):
         opt.zero_grad()
         loss().backward()
         opt.step()
-    assert loss().item() - optimum < 0.1 * (start - optimum)
+    # The least-squares optimum is the floor; the optimizer must close most of the gap.
+    Xb = torch.cat([X, torch.ones(64, 1)], 1)
+    optimum = 0.5 * (Xb @ torch.linalg.lstsq(Xb, Y).solution - Y).square().sum(1).mean().item()
+    assert loss().item() - optimum < 0.25 * (start - optimum), (start, loss().item(), optimum)
 
 
-def byte_batch(generator, batch=8, seq=32):
-    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)).encode()
-    data = torch.tensor(list(text[:200_000]), dtype=torch.long)
-    starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=generator)
-    x = torch.stack([data[s:s + seq] for s in starts])
-    y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
-    return x, y
+@pytest.mark.parametrize("name", NAMES)
+def test_lowers_the_tiny_models_loss(name):
+    model = tiny_gpt()
+    opt = make_optimizer(name, list(model.named_parameters()), DEFAULT_LR[name])
+    gen = torch.Generator().manual_seed(0)
+    held_out = batch(torch.Generator().manual_seed(123), batch_size=32)
+    with torch.no_grad():
+        start = loss_of(model, *held_out).item()
+    train(model, opt, [batch(gen) for _ in range(30)])
+    with torch.no_grad():
+        end = loss_of(model, *held_out).item()
+    # From ln 256 = 5.55 (uniform guessing) to below 3.7 on held-out windows, a
+    # drop of 1.85 nats in 30 steps (measured: 2.8 to 3.4). The byte unigram
+    # entropy of this text is 3.26 nats, so this checks descent, not modelling.
+    assert abs(start - 5.55) < 0.05
+    assert end < 3.7, (start, end)
 
 
-def train_steps(model, opt, generator, n):
-    losses = []
-    for _ in range(n):
-        x, y = byte_batch(generator)
-        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def build(name, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    model = GPT(PRESETS["tiny"]).to(dtype)
-    extra = {"soap": dict(precondition_frequency=2), "shampoo": dict(update_freq=2)}.get(name, {})
-    return model, make_optimizer(name, list(model.named_parameters()), lr={"muon": 0.02}.get(name, 3e-3), **extra)
-
-
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_optimizer_lowers_the_tiny_models_loss(name):
-    model, opt = build(name)
-    losses = train_steps(model, opt, torch.Generator().manual_seed(0), 30)
-    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
-
-
-@pytest.mark.parametrize("name", ["muon", "soap", "shampoo"])
+@pytest.mark.parametrize("name", OURS)
 def test_state_dict_round_trip_continues_bitwise(name):
-    model, opt = build(name)
-    generator = torch.Generator().manual_seed(0)
-    train_steps(model, opt, generator, 3)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), generator.get_state()))
-    train_steps(model, opt, generator, 3)
+    kwargs = {"soap": dict(precondition_frequency=2), "shampoo": dict(update_freq=2)}.get(name, {})
+    gen = torch.Generator().manual_seed(0)
+    batches = [batch(gen, batch_size=4, seq_len=16) for _ in range(8)]
 
-    resumed, resumed_opt = build(name, seed=7)
-    resumed.load_state_dict(saved[0])
-    resumed_opt.load_state_dict(saved[1])
-    train_steps(resumed, resumed_opt, torch.Generator().set_state(saved[2]), 3)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    model = tiny_gpt()
+    opt = make_optimizer(name, list(model.named_parameters()), DEFAULT_LR[name], weight_decay=0.1, **kwargs)
+    train(model, opt, batches[:3])  # past SOAP's and Shampoo's first refresh
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, batches[3:])
 
+    resumed = tiny_gpt(seed=1)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = make_optimizer(name, list(resumed.named_parameters()), 1.0, **kwargs)  # lr etc. come from the state
+    resumed_opt.load_state_dict(saved_opt)
+    train(resumed, resumed_opt, batches[3:])
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_bfloat16_parameters_step_and_stay_finite(name):
-    model, opt = build(name, dtype=torch.bfloat16)
-    before = [p.detach().clone() for p in model.parameters()]
-    train_steps(model, opt, torch.Generator().manual_seed(0), 2)
-    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
 
 
-def test_split_muon_params_on_the_tiny_model():
-    model = GPT(PRESETS["tiny"])
-    muon, adamw = split_muon_params(model.named_parameters())
-    muon_names, adamw_names = {n for n, _ in muon}, {n for n, _ in adamw}
-    assert not muon_names & adamw_names
-    assert muon_names | adamw_names == {n for n, _ in model.named_parameters()}
-    assert {"embed.weight", "head.weight", "norm.weight"} <= adamw_names
-    assert all(t.ndim == 2 for _, t in muon) and "blocks.0.attn.qkv.weight" in muon_names
-    assert all(t.ndim == 1 for n, t in adamw if n not in ("embed.weight", "head.weight"))
+@pytest.mark.parametrize("name", OURS)
+def test_bfloat16_params_keep_float32_state(name):
+    model = tiny_gpt(dtype=torch.bfloat16)
+    opt = make_optimizer(name, list(model.named_parameters()), DEFAULT_LR[name])
+    gen = torch.Generator().manual_seed(0)
+    before = [p.clone() for p in model.parameters()]
+    train(model, opt, [batch(gen) for _ in range(2)])  # SOAP moves from its second step on
+    for b, p in zip(before, model.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+    def state_tensors(o):
+        for state in o.state.values():
+            for value in state.values():
+                yield from (value if isinstance(value, list) else [value])
+
+    assert all(t.dtype == torch.float32 for t in state_tensors(opt) if isinstance(t, torch.Tensor))
+    # torch.optim.Optimizer.load_state_dict would cast the state to bfloat16.
+    reloaded = make_optimizer(name, list(model.named_parameters()), DEFAULT_LR[name])
+    reloaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(t.dtype == torch.float32 for t in state_tensors(reloaded) if isinstance(t, torch.Tensor))
 
 
-def test_unknown_optimizer_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
-        make_optimizer("sgd", [], lr=0.1)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", OURS)
+def test_cuda_matches_cpu(name):
+    gen = torch.Generator().manual_seed(0)
+    batches = [batch(gen) for _ in range(3)]
+    results = []
+    for device in ["cpu", "cuda"]:
+        model = tiny_gpt().to(device)
+        opt = make_optimizer(name, list(model.named_parameters()), DEFAULT_LR[name])
+        train(model, opt, [(x.to(device), y.to(device)) for x, y in batches])
+        results.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+# --- construction -------------------------------------------------------------------
+
+
+def test_split_muon_params_on_the_tiny_gpt():
+    named = list(tiny_gpt().named_parameters())
+    muon, adamw = split_muon_params(named)
+    muon_names, adamw_names = [n for n, _ in muon], [n for n, _ in adamw]
+    assert sorted(muon_names + adamw_names) == sorted(n for n, _ in named)  # each exactly once
+    assert len(set(muon_names + adamw_names)) == len(named)
+    assert "blocks.0.attn.qkv.weight" in muon_names and "blocks.2.mlp.down.weight" in muon_names
+    assert {"embed.weight", "head.weight", "norm.weight", "blocks.0.attn_norm.weight"} <= set(adamw_names)
+    assert all(t.ndim == 2 for _, t in muon) and all("norm" not in n for n in muon_names)
+    assert len(muon_names) == 3 * 5  # qkv, proj, gate, up, down in each of 3 blocks
+
+
+def test_muon_works_on_plain_leaf_tensors_and_rejects_non_matrices():
+    deltas = [("blocks.0.mlp.up.weight", torch.zeros(8, 4)), ("norm.weight", torch.zeros(4))]
+    opt = make_optimizer("muon", deltas, lr=0.1)
+    for _, d in deltas:
+        d.grad = torch.ones_like(d)
+    opt.step()
+    assert all(d.abs().sum() > 0 for _, d in deltas)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.zeros(4)])
+
+
+def test_make_optimizer_types_and_unknown_name():
+    named = list(tiny_gpt().named_parameters())
+    expected = {"adamw": torch.optim.AdamW, "muon": Muon, "soap": SOAP, "shampoo": Shampoo}
+    for name, cls in expected.items():
+        assert type(make_optimizer(name, named, DEFAULT_LR[name])) is cls
+    assert set(DEFAULT_LR) == set(expected)
+    with pytest.raises(ValueError, match="adamw, muon, soap, shampoo"):
+        make_optimizer("sgd", named, 0.1)
