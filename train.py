@@ -89,7 +89,7 @@ def parse_args(argv=None):
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
     gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
     gn.add_argument("--inner-lr", type=positive(float), default=None,
-                    help="peak inner learning rate (default: tuned per inner solver); the outer schedule scales it")
+                    help="peak inner learning rate (default: tuned per inner solver; cg has none); the outer schedule scales it")
     gn.add_argument("--inner-steps", type=positive(int), default=None,
                     help="inner steps per outer step (default: one per micro-batch)")
     gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
