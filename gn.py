@@ -443,16 +443,15 @@ class GaussNewton(torch.optim.Optimizer):
         micro-batches computes all blocks' matvecs.
         """
         def neg_gradient(f, block, y):
-            return {k: -v for k, v in model_gradient(f, self._block_params(block), self._delta(block), y, self.loss)[0].items()}
+            return {k: -v for k, v in self._model_gradient(f, block, self._delta(block), y).items()}
 
         def curvature(directions):
-            def fn(f, block, y):
+            def damped_matvec(f, block, y):
                 p = {n: directions[n] for n in block}
-                return gn_matvec(f, self._block_params(block), p, y, self.loss)
-            return [axpy(self.damping, {n: directions[n] for n in b}, gp)
-                    for b, gp in zip(self.blocks, self._mean_block_map(batches, fn))]
+                return axpy(self.damping, p, gn_matvec(f, self._block_params(block), p, y, self.loss))
+            return self._mean_block_map(batches, damped_matvec)
 
-        residuals = [axpy(-self.damping, self._delta(b), r) for b, r in zip(self.blocks, self._mean_block_map(batches, neg_gradient))]
+        residuals = self._mean_block_map(batches, neg_gradient)
         directions = [dict(r) for r in residuals]
         rr = [dot(r, r) for r in residuals]
         rr0 = [max(v.item(), 1e-300) for v in rr]
