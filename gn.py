@@ -398,6 +398,11 @@ class GaussNewton(torch.optim.Optimizer):
         grad = model_gradient(f, self._block_params(block), delta, y, self.loss, self.prox_linear)[0]
         return axpy(self.damping, delta, grad) if self.damping else grad
 
+    def inner_gradients(self, x, y):
+        """Every block's ∇Q at the current inner iterate, on the micro-batch (x, y)."""
+        return [self._model_gradient(f, block, self._delta(block), y)
+                for block, f in zip(self.blocks, self._block_functions(x))]
+
     # -- inner solvers ------------------------------------------------------
 
     def _first_order_inner_loop(self, batches, n_steps, stats):
@@ -406,9 +411,7 @@ class GaussNewton(torch.optim.Optimizer):
         for k in range(n_steps):
             x, y = batches[k % len(batches)]
             factor = cosine_factor(k, n_steps) if self.inner_schedule == "cosine" else 1.0
-            fns = self._block_functions(x)
-            for block, f, opt in zip(self.blocks, fns, self.inner_opts):
-                grad = self._model_gradient(f, block, self._delta(block), y)
+            for block, grad, opt in zip(self.blocks, self.inner_gradients(x, y), self.inner_opts):
                 all_reduce_mean(list(grad.values()))
                 for n in block:
                     self.iterate[n].grad = grad[n]

@@ -1,0 +1,224 @@
+"""How much a Gauss-Newton inner step costs against a training step, in one run.
+
+    python bench.py --preset tiny [--json FILE]
+
+On one micro-batch of the preset's model, interleaving the four so that a
+noisy machine slows them alike, the median wall-clock time of:
+  train      a training step: forward, cross-entropy, backward (no optimizer step)
+  gn         a full-GN inner step: ∇Q over all parameters (one JVP and one VJP)
+  layerwise  a layerwise-GN inner step: every block's ∇Q, as gn.py computes it
+  naive      the naive layerwise step, as the paper's code takes it: every block's
+             ∇Q from a whole forward and backward pass over all parameters, the
+             tangent zero outside the block: L+2 full-GN steps
+  pruned     gn.py without cached block inputs: a whole forward per block, but
+             forward-mode AD carries only the block's tangent and the backward
+             stops at the block (reported, not a target)
+and the peak memory of each (see `peak_memory`). The inner optimizer's own
+update is left out of every GN time, as the optimizer step is left out of
+the training step. The cost model in /work/shared/DESIGN.md puts the floor of
+a full-GN inner step near 5/3 of a training step.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from gn import GaussNewton
+from model import GPT, PRESETS
+
+# model preset, sequences per micro-batch, sequence length, timed repeats, CPU threads.
+# tiny's matmuls are too small to gain from a second thread, and when another
+# process keeps the cores busy, two threads stall each other at every op (20x slower).
+BENCH_PRESETS = {
+    "tiny": ("tiny", 16, 64, 11, 1),       # train.py's defaults; CPU
+    "small": ("small", 8, 128, 5, None),   # CPU, a few minutes
+    "45m": ("45m", 8, 1024, 10, None),     # GPU
+    "150m": ("150m", 8, 1024, 10, None),   # GPU
+}
+KINDS = ("train", "gn", "layerwise", "naive", "pruned")
+
+
+def setup(preset, device, dtype, seed=0):
+    """The model, one micro-batch and the function that runs each kind once."""
+    name, batch, seq, *_ = BENCH_PRESETS[preset]
+    torch.manual_seed(seed)
+    model = GPT(PRESETS[name]).to(device=device, dtype=dtype)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (batch, seq), device=device)
+    y = torch.randint(0, vocab, (batch, seq), device=device)
+
+    def gn_optimizer(mode, cached=True):
+        opt = GaussNewton(model, mode=mode, inner="adamw")
+        opt.cached_inputs = opt.cached_inputs and cached
+        # An inner iterate away from θ0, as after a few inner steps.
+        with torch.no_grad():
+            for t in opt.iterate.values():
+                t.add_(torch.randn_like(t), alpha=1e-3)
+        return opt
+
+    full, layerwise, pruned = gn_optimizer("full"), gn_optimizer("layerwise"), gn_optimizer("layerwise", cached=False)
+
+    def train():
+        for p in model.parameters():
+            p.grad = None
+        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
+
+    def gn_inner(opt):
+        def run():
+            # As inside GaussNewton.step: θ0 is a constant during the inner loop.
+            for p in model.parameters():
+                p.requires_grad_(False)
+            try:
+                opt.inner_gradients(x, y)
+            finally:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+        return run
+
+    class PaperLayerwise:  # every block: full GN's pass with the tangent zero outside the block
+        def inner_gradients(self, x, y):
+            delta = full._delta(full.blocks[0])
+            out = []
+            for block in layerwise.blocks:
+                tangent = {n: t if n in block else torch.zeros_like(t) for n, t in delta.items()}
+                grad = full._model_gradient(lambda p: functional_call(model, p, (x,)), full.blocks[0], tangent, y)
+                out.append({n: grad[n] for n in block})
+            return out
+
+    fns = {"train": train, "gn": gn_inner(full), "layerwise": gn_inner(layerwise),
+           "naive": gn_inner(PaperLayerwise()), "pruned": gn_inner(pruned)}
+    return model, fns, len(layerwise.blocks)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_all(fns, device, repeats):
+    """Median seconds per call of each function, interleaved round by round."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rss_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_memory(fn, device):
+    """MB above the memory in use before one call of fn (after a warm-up call).
+
+    CUDA: torch.cuda.max_memory_allocated over the call. CPU (Linux): the rise of
+    the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
+    over its resident set just before the call. Run it in a fresh process (see
+    `--memory-of`) with glibc's mmap threshold fixed, so freed tensors go back to
+    the OS and the previous kind's peak cannot hide this one's.
+    """
+    fn()
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    before = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    fn()
+    return _rss_mb("VmHWM") - before
+
+
+def memory_in_fresh_process(args, kind):
+    if args.device.startswith("cuda"):  # the allocator's own counters need no fresh process
+        return None
+    if not os.path.exists("/proc/self/clear_refs"):
+        return float("nan")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--dtype", args.dtype,
+           "--threads", str(torch.get_num_threads()), "--memory-of", kind]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=BENCH_PRESETS, default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's, else torch's)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--memory-of", choices=KINDS, help=argparse.SUPPRESS)  # internal: one peak-memory probe
+    args = p.parse_args(argv)
+    threads = args.threads or BENCH_PRESETS[args.preset][4]
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    _, fns, n_blocks = setup(args.preset, device, getattr(torch, args.dtype))
+
+    if args.memory_of:
+        print(peak_memory(fns[args.memory_of], device))
+        return None
+
+    repeats = args.repeats or BENCH_PRESETS[args.preset][3]
+    start = time.perf_counter()
+    times = time_all(fns, device, repeats)
+    if device.type == "cuda":
+        memory = {k: peak_memory(fn, device) for k, fn in fns.items()}
+    else:
+        memory = {k: memory_in_fresh_process(args, k) for k in KINDS}
+    name, batch, seq, *_ = BENCH_PRESETS[args.preset]
+    print(f"preset {args.preset}: model {name} ({GPT(PRESETS[name]).num_params() / 1e6:.2f}M params), "
+          f"micro-batch {batch}x{seq}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{n_blocks} blocks, median of {repeats}")
+    print(f"{'':10} {'time ms':>9} {'x train':>8} {'peak MB':>9} {'x train':>8}")
+    for k in KINDS:
+        print(f"{k:10} {1e3 * times[k]:9.1f} {times[k] / times['train']:8.2f} "
+              f"{memory[k]:9.1f} {memory[k] / memory['train']:8.2f}")
+    ratios = {
+        "gn / train (target <= 1.8)": times["gn"] / times["train"],
+        "layerwise / naive (target <= 0.55)": times["layerwise"] / times["naive"],
+        "layerwise / pruned (no target)": times["layerwise"] / times["pruned"],
+        "gn peak memory / train's (target <= 2)": memory["gn"] / memory["train"],
+    }
+    for k, v in ratios.items():
+        verdict = "" if "<=" not in k else "met" if v <= float(k.split("<= ")[1][:-1]) else "NOT met"
+        print(f"{k:40} {v:6.2f}  {verdict}")
+    print(f"({time.perf_counter() - start:.0f} s)")
+    results = {
+        "train_step_s": times["train"], "gn_inner_s": times["gn"], "layerwise_inner_s": times["layerwise"],
+        "naive_layerwise_inner_s": times["naive"], "n_blocks": n_blocks,
+        "train_step_peak_mb": memory["train"], "gn_inner_peak_mb": memory["gn"],
+        "layerwise_inner_peak_mb": memory["layerwise"], "naive_layerwise_inner_peak_mb": memory["naive"],
+        "pruned_layerwise_inner_s": times["pruned"],
+        "preset": args.preset, "device": args.device, "dtype": args.dtype,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
