@@ -37,7 +37,7 @@ from model import GPT, PRESETS
 # tiny's matmuls are too small to gain from a second thread, and when another
 # process keeps the cores busy, two threads stall each other at every op (20x slower).
 BENCH_PRESETS = {
-    "tiny": ("tiny", 16, 64, 11, 1),       # train.py's defaults; CPU
+    "tiny": ("tiny", 16, 64, 9, 1),        # train.py's defaults; CPU
     "small": ("small", 8, 128, 5, None),   # CPU, a few minutes
     "45m": ("45m", 8, 1024, 10, None),     # GPU
     "150m": ("150m", 8, 1024, 10, None),   # GPU
