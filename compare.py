@@ -20,7 +20,9 @@ of a few hundred MB).
 
 Writes to --out DIR: results.json, loss.png (and batch_sweep.png), one
 directory per run with train.py's metrics.jsonl and config.json; prints a
-markdown table at the end.
+markdown table at the end. A run directory holding a finished run with the
+same train.py arguments is reused, so an interrupted comparison continues
+where it stopped (delete DIR to run everything again).
 """
 import argparse
 import json
@@ -150,8 +152,8 @@ def final_val_loss(records):
     return losses[-1] if losses and math.isfinite(losses[-1]) else None
 
 
-def train_run(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
-    """One train.py run in its own process; returns its metrics, memory and exit status."""
+def train_argv(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
+    """train.py's arguments for one run of the comparison."""
     preset = PRESETS[args.preset]
     is_gn = opt in GN_VARIANTS
     argv = ["--opt", opt, "--model", preset["model"], "--batch-size", str(preset["batch_size"]),
@@ -163,10 +165,25 @@ def train_run(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
         argv += ["--data", args.data]
     if target_loss is not None:
         argv += ["--target-loss", repr(target_loss)]
-    os.makedirs(run_dir, exist_ok=True)
-    code = subprocess.run([sys.executable, "-c", CHILD, HERE, *argv]).returncode
-    if code == 2:  # train.py's bad-input exit: every other run would fail the same way
-        fail(f"train.py rejected the run in {run_dir} (its message is above)")
+    return argv
+
+
+def train_run(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
+    """One train.py run in its own process; returns its metrics, memory and exit status."""
+    argv = train_argv(args, run_dir, opt, lr, micro_batches, steps, target_loss)
+    finished = os.path.join(run_dir, "finished.json")  # train.py's arguments and exit code of a finished run
+    if os.path.exists(finished) and json.load(open(finished))["argv"] == argv:
+        print(f"reusing the finished run in {run_dir}")
+        code = json.load(open(finished))["exit_code"]
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(finished):
+            os.remove(finished)
+        code = subprocess.run([sys.executable, "-c", CHILD, HERE, *argv]).returncode
+        if code == 2:  # train.py's bad-input exit: every other run would fail the same way
+            fail(f"train.py rejected the run in {run_dir} (its message is above)")
+        with open(finished, "w") as f:
+            json.dump({"argv": argv, "exit_code": code}, f)
     memory = {}
     if os.path.exists(os.path.join(run_dir, "memory.json")):
         with open(os.path.join(run_dir, "memory.json")) as f:
