@@ -97,3 +97,6 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
     assert gn["tokens_to_target"] is None or gn["tokens_to_target"] == 2 * 2 * 4 * 32 * gn["steps_to_target"]
     assert gn["peak_memory_bytes"] > 0 and gn["memory_kind"] == "process_max_rss"
     assert "| optimizer | lr | steps to target |" in capsys.readouterr().out
+    # the same command again reuses every finished run and measures the same
+    assert compare.main(["--preset", "smoke", "--out", str(out)]) == results
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
