@@ -177,11 +177,15 @@ def train_run(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
         code = json.load(open(finished))["exit_code"]
     else:
         os.makedirs(run_dir, exist_ok=True)
-        if os.path.exists(finished):
-            os.remove(finished)
+        for stale in (finished, os.path.join(run_dir, "memory.json")):
+            if os.path.exists(stale):
+                os.remove(stale)
         code = subprocess.run([sys.executable, "-c", CHILD, HERE, *argv]).returncode
         if code == 2:  # train.py's bad-input exit: every other run would fail the same way
             fail(f"train.py rejected the run in {run_dir} (its message is above)")
+        if code not in (0, 1):  # interrupted or killed: not a finished run (1 is a run that diverged)
+            print(f"compare.py: the run in {run_dir} stopped with exit code {code}", file=sys.stderr)
+            sys.exit(code if code > 0 else 1)
         with open(finished, "w") as f:
             json.dump({"argv": argv, "exit_code": code}, f)
     memory = {}
