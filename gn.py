@@ -89,6 +89,23 @@ class CrossEntropy:
         pu = p * wide(u)
         return ((pu - p * pu.sum(-1, keepdim=True)) / y.numel()).to(z.dtype)
 
+    @staticmethod
+    def quadratic(z, y, u):
+        """ℓ(z), ∇ℓᵀu + ½ uᵀHu and the residual ∇ℓ + H u, from one softmax.
+
+        With s = pᵀu per token: ∇ℓ + H u = (p ⊙ (1 + u - s) - onehot(y)) / N,
+        ∇ℓᵀu = Σ(s - u_y) / N and uᵀHu = Σ(pᵀu² - s²) / N.
+        """
+        log_p, u = wide(z).log_softmax(-1), wide(u)
+        p, index = log_p.exp(), y.unsqueeze(-1)
+        pu = p * u
+        s = pu.sum(-1, keepdim=True)
+        value = -log_p.gather(-1, index).mean()
+        change = ((s - u.gather(-1, index)).sum() + 0.5 * ((pu * u).sum() - s.pow(2).sum())) / y.numel()
+        residual = p * (1 + u - s)
+        residual.scatter_add_(-1, index, torch.full_like(s, -1.0))
+        return value, change, (residual / y.numel()).to(z.dtype)
+
 
 class MeanSquaredError:
     """Mean squared error, as `F.mse_loss` with mean reduction: H = 2/M · I."""
@@ -104,6 +121,12 @@ class MeanSquaredError:
     @staticmethod
     def hvp(z, y, u):
         return 2 * u / z.numel()
+
+    @staticmethod
+    def quadratic(z, y, u):
+        """ℓ(z), ∇ℓᵀu + ½ uᵀHu and the residual ∇ℓ + H u."""
+        g, hu = MeanSquaredError.grad(z, y), MeanSquaredError.hvp(z, y, u)
+        return MeanSquaredError.value(z, y), wide(g * u).sum() + 0.5 * wide(hu * u).sum(), g + hu
 
 
 LOSSES = {"ce": CrossEntropy, "mse": MeanSquaredError}
@@ -150,18 +173,18 @@ def model_gradient(f, params, delta, targets, loss="ce", prox_linear=False):
     residual is g_z + H_z JΔ; the prox-linear one is ∇ℓ(z0 + JΔ).
     """
     H = get_loss(loss)
-    model_value = {}
+    values = {}
 
     def residual(z, jd):
         if prox_linear:
-            model_value["change"] = H.value(z + jd, targets) - H.value(z, targets)
+            values["loss0"] = H.value(z, targets)
+            values["change"] = H.value(z + jd, targets) - values["loss0"]
             return H.grad(z + jd, targets)
-        g, hjd = H.grad(z, targets), H.hvp(z, targets, jd)
-        model_value["change"] = (g * jd).sum() + 0.5 * (hjd * jd).sum()
-        return g + hjd
+        values["loss0"], values["change"], r = H.quadratic(z, targets, jd)
+        return r
 
-    z, _, grad = jvp_vjp(f, params, delta, residual)
-    return grad, model_value["change"], H.value(z, targets)
+    grad = jvp_vjp(f, params, delta, residual)[2]
+    return grad, values["change"], values["loss0"]
 
 
 # ---------------------------------------------------------------------------

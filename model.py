@@ -5,9 +5,11 @@ rotary position embeddings, SwiGLU MLP), a final RMSNorm and an untied output
 head: the architecture the GN paper trained (Abreu et al. 2025, after LLaMA).
 
 Two things here exist for Gauss-Newton (gn.py):
-- Forward-mode AD works through the whole model. `F.scaled_dot_product_attention`
-  has no forward-mode derivative, so attention falls back to an explicit
-  softmax(QKᵀ)V whenever its inputs carry a tangent.
+- Forward-mode AD works through the whole model, and cheaply: the ops whose
+  tangent formula multiplies a tangent by an activation (linear layers, RMSNorm,
+  SwiGLU, attention) are autograd Functions with their own derivatives (see
+  "Kernels" below). `F.scaled_dot_product_attention` has no forward-mode
+  derivative, so attention switches to one of them when its inputs carry a tangent.
 - `gn_blocks()` names the parameter blocks of layerwise GN, and
   `forward(h, start_block=i)` runs the network from the input of block i, so that
   layerwise GN can cache block inputs instead of rerunning the blocks below.
@@ -43,6 +45,233 @@ PRESETS = {
 }
 
 
+# ---------------------------------------------------------------------------
+# Kernels with hand-written derivatives, forward mode (jvp) and reverse mode.
+#
+# GN's inner step runs the network once carrying a tangent (forward-mode AD)
+# while autograd records the primal computation for one backward pass. Left
+# to itself, PyTorch also records every tangent computation that touches an
+# activation requiring grad (so that tangents could be differentiated again,
+# reverse-over-forward), and each such recorded op keeps its inputs alive
+# until the backward. GN never differentiates a tangent; in the kernels below
+# the tangent comes from detached saved tensors, so no tangent carries a graph.
+# That cut GN's peak memory and time (README, Performance). Ops that are linear
+# in a single input (views, residual adds, rotary, the embedding lookup) need
+# nothing: their tangent never meets an activation. Inputs without a tangent
+# reach `jvp` as None (set_materialize_grads(False)), so no work is wasted on
+# zeros: in layerwise GN most weights carry no tangent.
+# ---------------------------------------------------------------------------
+
+def has_tangent(x):
+    """True inside torch.func.jvp or forward_ad when x carries a tangent."""
+    return forward_ad.unpack_dual(x).tangent is not None
+
+
+def _save(ctx, *tensors):
+    """Keep detached tensors for jvp and backward: no tangent, no graph."""
+    ctx.set_materialize_grads(False)
+    tensors = [t.detach() for t in tensors]
+    ctx.save_for_forward(*tensors)
+    ctx.save_for_backward(*tensors)
+
+
+def _plus(a, b):
+    """a + b where either may be None (a tangent that does not exist)."""
+    return b if a is None else a if b is None else a + b
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = x Wᵀ. Tangent dx Wᵀ + x dWᵀ; gradients g W and gᵀx."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight):
+        return F.linear(x, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight):
+        x, weight = ctx.saved_tensors
+        if dx is None or dweight is None:
+            return F.linear(x, dweight) if dx is None else F.linear(dx, weight)
+        # dx Wᵀ + x dWᵀ, the sum accumulated inside the second product.
+        return torch.addmm(F.linear(dx, weight).flatten(0, -2), x.flatten(0, -2), dweight.t()).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None
+        x, weight = ctx.saved_tensors
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = g.flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+def linear(x, weight):
+    """F.linear, through LinearFunction whenever a tangent is present."""
+    if has_tangent(x) or has_tangent(weight):
+        return LinearFunction.apply(x, weight)
+    return F.linear(x, weight)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = n ⊙ w with n = x r, r = 1/√(mean(x²) + eps) over the last dimension.
+
+    Tangent dn = r (dx - n mean(n ⊙ dx)); the gradient is its adjoint,
+    g_x = r (g_n - n mean(n ⊙ g_n)) with g_n = g ⊙ w. n and r are returned
+    as extra, non-differentiable outputs so that jvp and backward need not
+    recompute them.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        n = x * r
+        return n * weight, n, r
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, n, r = output
+        ctx.mark_non_differentiable(n, r)
+        _save(ctx, n, r, inputs[1])
+
+    @staticmethod
+    def _project(n, r, u):
+        return r * (u - n * (n * u).mean(-1, keepdim=True))
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, _):
+        n, r, weight = ctx.saved_tensors
+        return _plus(None if dx is None else RMSNormFunction._project(n, r, dx) * weight,
+                     None if dweight is None else n * dweight), None, None
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        if g is None:
+            return None, None, None
+        n, r, weight = ctx.saved_tensors
+        gx = RMSNormFunction._project(n, r, g * weight) if ctx.needs_input_grad[0] else None
+        gw = (g * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class RotaryFunction(torch.autograd.Function):
+    """Rotate pairs (x1, x2) of the last dimension by each position's angle.
+
+    A linear map R: the tangent is R dx and the gradient Rᵀ g, the rotation
+    by the opposite angle. As a Function, the tangent needs no help from
+    autograd's zero tangents of the cos and sin tables.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs[1:])
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        return RotaryFunction.forward(dx, *ctx.saved_tensors)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None
+        cos, sin = ctx.saved_tensors
+        return RotaryFunction.forward(g, cos, -sin), None, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """y = silu(a) ⊙ b, silu(a) = a σ(a), silu'(a) = σ(a) + silu(a)(1 - σ(a)).
+
+    Tangent silu'(a) ⊙ b ⊙ da + silu(a) ⊙ db; gradients g ⊙ silu'(a) ⊙ b and
+    g ⊙ silu(a). When jvp ran (GN), backward reuses the two factors it left.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        return F.silu(a) * b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+        ctx.factors = None
+
+    @staticmethod
+    def _factors(ctx):
+        """(silu'(a) ⊙ b, silu(a)), computed once."""
+        if ctx.factors is None:
+            a, b = ctx.saved_tensors
+            s = torch.sigmoid(a)
+            silu = a * s
+            ctx.factors = ((s + silu * (1 - s)) * b, silu)
+        return ctx.factors
+
+    @staticmethod
+    def jvp(ctx, da, db):
+        slope_b, silu = SwiGLUFunction._factors(ctx)
+        return _plus(None if da is None else slope_b * da, None if db is None else silu * db)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None
+        slope_b, silu = SwiGLUFunction._factors(ctx)
+        ctx.factors = None
+        return g * slope_b if ctx.needs_input_grad[0] else None, g * silu if ctx.needs_input_grad[1] else None
+
+
+class CausalAttentionFunction(torch.autograd.Function):
+    """y = P V with P = softmax(S), S = QKᵀ/√d masked to the past.
+
+    With the probabilities P materialized (the price of forward mode; they
+    are the second, non-differentiable output), the softmax Jacobian gives the
+    tangent dy = (P ⊙ dS) V - rowsum(P ⊙ dS) ⊙ y + P dV, dS = (dQ Kᵀ + Q dKᵀ)/√d,
+    and the gradient g_S = P ⊙ (g Vᵀ - rowsum(g ⊙ y)). Masked entries of P
+    are exactly 0, so no mask is needed after the softmax.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        T = q.shape[-2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        P = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(future, float("-inf")).softmax(-1)
+        return P @ v, P
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, *inputs, *output)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, y, P = ctx.saved_tensors
+        dS = _plus(None if dq is None else dq @ k.transpose(-2, -1), None if dk is None else q @ dk.transpose(-2, -1))
+        dy = None
+        if dS is not None:
+            W = P * dS * q.shape[-1] ** -0.5
+            dy = W @ v - W.sum(-1, keepdim=True) * y
+        return _plus(dy, None if dv is None else P @ dv), None
+
+    @staticmethod
+    def backward(ctx, g, _):
+        if g is None:
+            return None, None, None
+        q, k, v, y, P = ctx.saved_tensors
+        gS = P * (g @ v.transpose(-2, -1) - (g * y).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5
+        return gS @ k, gS.transpose(-2, -1) @ q, P.transpose(-2, -1) @ g
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -50,7 +279,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return RMSNormFunction.apply(x, self.weight, self.eps)[0]
 
 
 def rotary_tables(head_dim, length, base):
@@ -59,16 +288,6 @@ def rotary_tables(head_dim, length, base):
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
     return angles.cos(), angles.sin()
 
-
-def apply_rotary(x, cos, sin):
-    """Rotate pairs (x1, x2) of the last dimension by the position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-def has_tangent(x):
-    """True inside torch.func.jvp or forward_ad, where SDPA cannot be used."""
-    return forward_ad.unpack_dual(x).tangent is not None
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,21 +299,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = linear(x, self.qkv.weight).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = RotaryFunction.apply(qkv[:2], cos, sin)  # queries and keys in one go
+        v = qkv[2]
         if any(has_tangent(t) for t in (q, k, v)):
-            y = plain_causal_attention(q, k, v)
+            y = CausalAttentionFunction.apply(q, k, v)[0]
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-def plain_causal_attention(q, k, v):
-    """softmax(QKᵀ/√d + causal mask) V, written out so forward-mode AD can pass."""
-    T = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+        return linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight)
 
 
 class SwiGLU(nn.Module):
@@ -105,7 +317,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return linear(SwiGLUFunction.apply(linear(x, self.gate.weight), linear(x, self.up.weight)), self.down.weight)
 
 
 class Block(nn.Module):
@@ -182,7 +394,7 @@ class GPT(nn.Module):
             for block in self.blocks[max(start_block - 1, 0):]:
                 h = block(h, cos, sin)
             h = self.norm(h)
-        return self.head(h)
+        return linear(h, self.head.weight)
 
     @torch.no_grad()
     def block_inputs(self, idx):
