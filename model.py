@@ -141,13 +141,17 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def _project(n, r, u):
-        return r * (u - n * (n * u).mean(-1, keepdim=True))
+        """r (u - n mean(n ⊙ u))."""
+        mean = torch.linalg.vecdot(n, u).unsqueeze(-1).div_(n.shape[-1])
+        return torch.addcmul(u, n, mean, value=-1).mul_(r)
 
     @staticmethod
     def jvp(ctx, dx, dweight, _):
         n, r, weight = ctx.saved_tensors
-        return _plus(None if dx is None else RMSNormFunction._project(n, r, dx) * weight,
-                     None if dweight is None else n * dweight), None, None
+        dy = None if dx is None else RMSNormFunction._project(n, r, dx).mul_(weight)
+        if dweight is not None:
+            dy = n * dweight if dy is None else dy.addcmul_(n, dweight)
+        return dy, None, None
 
     @staticmethod
     def backward(ctx, g, *_):
@@ -219,7 +223,9 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, da, db):
         slope_b, silu = SwiGLUFunction._factors(ctx)
-        return _plus(None if da is None else slope_b * da, None if db is None else silu * db)
+        if da is None or db is None:
+            return slope_b * da if db is None else silu * db
+        return torch.addcmul(silu * db, slope_b, da)
 
     @staticmethod
     def backward(ctx, g):
@@ -230,46 +236,63 @@ class SwiGLUFunction(torch.autograd.Function):
         return g * slope_b if ctx.needs_input_grad[0] else None, g * silu if ctx.needs_input_grad[1] else None
 
 
+def _sum_of_products(pairs, scale=1.0):
+    """scale · Σ a @ b over the pairs where both exist (3-d batches); None if none does."""
+    out = None
+    for a, b in pairs:
+        if a is not None and b is not None:
+            out = torch.bmm(a, b).mul_(scale) if out is None else torch.baddbmm(out, a, b, alpha=scale)
+    return out
+
+
 class CausalAttentionFunction(torch.autograd.Function):
     """y = P V with P = softmax(S), S = QKᵀ/√d masked to the past.
 
     With the probabilities P materialized (the price of forward mode; they
     are the second, non-differentiable output), the softmax Jacobian gives the
     tangent dy = (P ⊙ dS) V - rowsum(P ⊙ dS) ⊙ y + P dV, dS = (dQ Kᵀ + Q dKᵀ)/√d,
-    and the gradient g_S = P ⊙ (g Vᵀ - rowsum(g ⊙ y)). Masked entries of P
-    are exactly 0, so no mask is needed after the softmax.
+    and the gradient g_S = P ⊙ (g Vᵀ - rowsum(g ⊙ y))/√d. Masked entries of P
+    are exactly 0, so no mask is needed after the softmax. Inside, the batch
+    and head dimensions are flattened so that sums of products fuse (baddbmm).
     """
     generate_vmap_rule = True
 
     @staticmethod
     def forward(q, k, v):
         T = q.shape[-2]
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        P = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(future, float("-inf")).softmax(-1)
-        return P @ v, P
+        future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        q3, k3 = q.flatten(0, -3), k.flatten(0, -3)
+        P = torch.baddbmm(future, q3, k3.transpose(1, 2), alpha=q.shape[-1] ** -0.5).softmax(-1)
+        return (P @ v.flatten(0, -3)).view_as(v), P
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
-        _save(ctx, *inputs, *output)
+        _save(ctx, *(t.flatten(0, -3) for t in (*inputs, output[0])), output[1])
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
         q, k, v, y, P = ctx.saved_tensors
-        dS = _plus(None if dq is None else dq @ k.transpose(-2, -1), None if dk is None else q @ dk.transpose(-2, -1))
-        dy = None
+        shape = (dq if dq is not None else dk if dk is not None else dv).shape
+        dq, dk, dv = (None if t is None else t.flatten(0, -3) for t in (dq, dk, dv))
+        dS = _sum_of_products([(dq, k.transpose(1, 2)), (q, None if dk is None else dk.transpose(1, 2))],
+                              q.shape[-1] ** -0.5)
+        dy = _sum_of_products([(P, dv)])
         if dS is not None:
-            W = P * dS * q.shape[-1] ** -0.5
-            dy = W @ v - W.sum(-1, keepdim=True) * y
-        return _plus(dy, None if dv is None else P @ dv), None
+            W = P * dS
+            dy = W @ v if dy is None else torch.baddbmm(dy, W, v)
+            dy = torch.addcmul(dy, W.sum(-1, keepdim=True), y, value=-1)
+        return dy.view(shape), None
 
     @staticmethod
     def backward(ctx, g, _):
         if g is None:
             return None, None, None
         q, k, v, y, P = ctx.saved_tensors
-        gS = P * (g @ v.transpose(-2, -1) - (g * y).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5
-        return gS @ k, gS.transpose(-2, -1) @ q, P.transpose(-2, -1) @ g
+        shape, g = g.shape, g.flatten(0, -3)
+        scale = q.shape[-1] ** -0.5
+        gS = P * torch.baddbmm(torch.linalg.vecdot(g, y).unsqueeze(-1).mul_(-scale), g, v.transpose(1, 2), alpha=scale)
+        return (gS @ k).view(shape), (gS.transpose(1, 2) @ q).view(shape), (P.transpose(1, 2) @ g).view(shape)
 
 
 class RMSNorm(nn.Module):
