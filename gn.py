@@ -41,7 +41,7 @@ Read this file top to bottom:
    other blocks sit at θ0 during the inner loop, the input of block l is the
    same at every inner step: models that offer `block_inputs` and a
    `start_block` entry point let block l start there instead of rerunning
-   the blocks below it.
+   the blocks below it (the embedding block's own pass records those inputs).
 """
 import math
 import time
@@ -405,9 +405,13 @@ class GaussNewton(torch.optim.Optimizer):
         """f_l: block l's parameters -> outputs, with every other block at θ0."""
         model = self.model
         if self.cached_inputs:
-            inputs = model.block_inputs(x)
-            return [lambda p, h=h, i=i: functional_call(model, p, (h,), {"start_block": i})
-                    for i, h in enumerate(inputs)]
+            # The embedding block's pass runs the whole network and records the
+            # input of every later block on its way; the blocks run in order,
+            # so each later block starts from its recorded input.
+            inputs = [x]
+            return [lambda p: functional_call(model, p, (x,), {"inputs": inputs})] + [
+                lambda p, i=i: functional_call(model, p, (inputs[i],), {"start_block": i})
+                for i in range(1, len(self.blocks))]
         return [lambda p: functional_call(model, p, (x,))] * len(self.blocks)
 
     def _block_params(self, block):

@@ -5,14 +5,16 @@ rotary position embeddings, SwiGLU MLP), a final RMSNorm and an untied output
 head: the architecture the GN paper trained (Abreu et al. 2025, after LLaMA).
 
 Two things here exist for Gauss-Newton (gn.py):
-- Forward-mode AD works through the whole model, and cheaply: the ops whose
-  tangent formula multiplies a tangent by an activation (linear layers, RMSNorm,
-  SwiGLU, attention) are autograd Functions with their own derivatives (see
-  "Kernels" below). `F.scaled_dot_product_attention` has no forward-mode
-  derivative, so attention switches to one of them when its inputs carry a tangent.
+- Forward-mode AD works through the whole model, and cheaply: linear layers,
+  RMSNorm, rotary, SwiGLU and attention are autograd Functions with their own
+  tangent and gradient formulas (see "Kernels" below), so that no tangent
+  drags an autograd graph along. `F.scaled_dot_product_attention` has no
+  forward-mode derivative, so attention switches to its Function when its
+  inputs carry a tangent.
 - `gn_blocks()` names the parameter blocks of layerwise GN, and
   `forward(h, start_block=i)` runs the network from the input of block i, so that
-  layerwise GN can cache block inputs instead of rerunning the blocks below.
+  layerwise GN can cache block inputs instead of rerunning the blocks below
+  (`forward(idx, inputs=[])` records them on the way).
 """
 import math
 from dataclasses import dataclass
@@ -55,11 +57,14 @@ PRESETS = {
 # reverse-over-forward), and each such recorded op keeps its inputs alive
 # until the backward. GN never differentiates a tangent; in the kernels below
 # the tangent comes from detached saved tensors, so no tangent carries a graph.
-# That cut GN's peak memory and time (README, Performance). Ops that are linear
-# in a single input (views, residual adds, rotary, the embedding lookup) need
-# nothing: their tangent never meets an activation. Inputs without a tangent
-# reach `jvp` as None (set_materialize_grads(False)), so no work is wasted on
-# zeros: in layerwise GN most weights carry no tangent.
+# That cut GN's peak memory and time (README, Performance). Views, residual
+# adds and the embedding lookup need nothing: their tangent never meets an
+# activation. Rotary is a Function only because autograd's tangent formula for
+# a product with a constant table takes a slow path through zero tensors.
+# Inputs without a tangent reach `jvp` as None (set_materialize_grads(False)),
+# so no work is wasted on zeros: in layerwise GN most weights carry no tangent.
+# Each kernel's jvp and backward are checked against finite differences in
+# test_gn.py.
 # ---------------------------------------------------------------------------
 
 def has_tangent(x):
@@ -98,7 +103,7 @@ class LinearFunction(torch.autograd.Function):
         if dx is None or dweight is None:
             return F.linear(x, dweight) if dx is None else F.linear(dx, weight)
         # dx Wᵀ + x dWᵀ, the sum accumulated inside the second product.
-        return torch.addmm(F.linear(dx, weight).flatten(0, -2), x.flatten(0, -2), dweight.t()).view(*x.shape[:-1], -1)
+        return F.linear(dx, weight).flatten(0, -2).addmm_(x.flatten(0, -2), dweight.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, g):
@@ -110,11 +115,16 @@ class LinearFunction(torch.autograd.Function):
         return gx, gw
 
 
-def linear(x, weight):
-    """F.linear, through LinearFunction whenever a tangent is present."""
-    if has_tangent(x) or has_tangent(weight):
-        return LinearFunction.apply(x, weight)
-    return F.linear(x, weight)
+class Linear(nn.Linear):
+    """nn.Linear without bias, through LinearFunction whenever a tangent is present."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if has_tangent(x) or has_tangent(self.weight):
+            return LinearFunction.apply(x, self.weight)
+        return F.linear(x, self.weight)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -241,7 +251,7 @@ def _sum_of_products(pairs, scale=1.0):
     out = None
     for a, b in pairs:
         if a is not None and b is not None:
-            out = torch.bmm(a, b).mul_(scale) if out is None else torch.baddbmm(out, a, b, alpha=scale)
+            out = torch.bmm(a, b).mul_(scale) if out is None else out.baddbmm_(a, b, alpha=scale)
     return out
 
 
@@ -280,8 +290,8 @@ class CausalAttentionFunction(torch.autograd.Function):
         dy = _sum_of_products([(P, dv)])
         if dS is not None:
             W = P * dS
-            dy = W @ v if dy is None else torch.baddbmm(dy, W, v)
-            dy = torch.addcmul(dy, W.sum(-1, keepdim=True), y, value=-1)
+            dy = W @ v if dy is None else dy.baddbmm_(W, v)
+            dy.addcmul_(W.sum(-1, keepdim=True), y, value=-1)
         return dy.view(shape), None
 
     @staticmethod
@@ -317,30 +327,30 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qkv = Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        qkv = linear(x, self.qkv.weight).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = RotaryFunction.apply(qkv[:2], cos, sin)  # queries and keys in one go
         v = qkv[2]
         if any(has_tangent(t) for t in (q, k, v)):
             y = CausalAttentionFunction.apply(q, k, v)[0]
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGLU(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.gate = Linear(config.n_embd, config.mlp_hidden)
+        self.up = Linear(config.n_embd, config.mlp_hidden)
+        self.down = Linear(config.mlp_hidden, config.n_embd)
 
     def forward(self, x):
-        return linear(SwiGLUFunction.apply(linear(x, self.gate.weight), linear(x, self.up.weight)), self.down.weight)
+        return self.down(SwiGLUFunction.apply(self.gate(x), self.up(x)))
 
 
 class Block(nn.Module):
@@ -363,7 +373,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Linear(config.n_embd, config.vocab_size)
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
         # Not persistent: derived from the config, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos.float(), persistent=False)
@@ -402,33 +412,36 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
         return self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype)
 
-    def forward(self, h, start_block=0):
+    def forward(self, h, start_block=0, inputs=None):
         """Logits for token indices h (B, T), or from the input of a GN block.
 
         start_block 0: h holds token indices; 1..n_layer: h is the residual
         stream entering transformer block start_block-1; n_layer+1: h is the
         normalized final hidden state entering the head. Layerwise GN uses the
         later entries on cached `block_inputs` so it never reruns lower blocks.
+        inputs: a list that receives the input of every transformer block that
+        runs and of the head (primal values, detached), so that one pass also
+        yields the cache.
         """
+        def record(t):
+            if inputs is not None:
+                inputs.append(forward_ad.unpack_dual(t).primal.detach())
+            return t
+
         if start_block == 0:
             h = self.embed(h)
         if start_block <= len(self.blocks):
             cos, sin = self._rotary(h.shape[1], h.dtype)
             for block in self.blocks[max(start_block - 1, 0):]:
-                h = block(h, cos, sin)
-            h = self.norm(h)
-        return linear(h, self.head.weight)
+                h = block(record(h), cos, sin)
+            h = record(self.norm(h))
+        return self.head(h)
 
     @torch.no_grad()
     def block_inputs(self, idx):
         """The input of every GN block for tokens idx, as `forward(h, start_block=i)` takes them."""
-        h = self.embed(idx)
-        inputs = [idx, h]
-        cos, sin = self._rotary(idx.shape[1], h.dtype)
-        for block in self.blocks[:-1]:
-            h = block(h, cos, sin)
-            inputs.append(h)
-        inputs.append(self.norm(self.blocks[-1](h, cos, sin)))
+        inputs = [idx]
+        self(idx, inputs=inputs)
         return inputs
 
     @torch.no_grad()
