@@ -356,6 +356,21 @@ def test_cached_layerwise_path_equals_whole_forward_path():
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["full", "layerwise"])
+def test_gn_step_on_cuda_equals_cpu(mode):
+    """The same float64 GN step on CUDA and on the CPU (the kernels, SDPA's
+    switch and the cached layerwise path run on both)."""
+    batches, ls = byte_batches(3, seed=0), byte_batches(2, seed=1)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = tiny_transformer().to(device)
+        opt = GaussNewton(model, mode=mode, inner="adamw", line_search="none")
+        opt.step([(x.to(device), y.to(device)) for x, y in batches], [(x.to(device), y.to(device)) for x, y in ls])
+        results.append(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-11)
+
+
 def test_one_sgd_inner_step_from_zero_is_a_gradient_step():
     # ∇Q(0) = Jᵀ g_z is the loss gradient, so a callable inner SGD taking one
     # unclipped step at constant lr moves θ by -lr ∇ℓ(θ0), as autograd says.
