@@ -96,15 +96,18 @@ class CrossEntropy:
         With s = pᵀu per token: ∇ℓ + H u = (p ⊙ (1 + u - s) - onehot(y)) / N,
         ∇ℓᵀu = Σ(s - u_y) / N and uᵀHu = Σ(pᵀu² - s²) / N.
         """
-        log_p, u = wide(z).log_softmax(-1), wide(u)
-        p, index = log_p.exp(), y.unsqueeze(-1)
+        # In place where possible: at a 32k vocabulary every (tokens, C) tensor is large.
+        index, u = y.unsqueeze(-1), wide(u)
+        p = z.log_softmax(-1, dtype=u.dtype)
+        value = -p.gather(-1, index).mean()
+        p.exp_()
         pu = p * u
         s = pu.sum(-1, keepdim=True)
-        value = -log_p.gather(-1, index).mean()
-        change = ((s - u.gather(-1, index)).sum() + 0.5 * ((pu * u).sum() - s.pow(2).sum())) / y.numel()
-        residual = p * (1 + u - s)
+        change = ((s - u.gather(-1, index)).sum()
+                  + 0.5 * (torch.linalg.vecdot(pu, u).sum() - s.pow(2).sum())) / y.numel()
+        residual = pu.add_(p).addcmul_(p, s, value=-1)
         residual.scatter_add_(-1, index, torch.full_like(s, -1.0))
-        return value, change, (residual / y.numel()).to(z.dtype)
+        return value, change, residual.div_(y.numel()).to(z.dtype)
 
 
 class MeanSquaredError:
