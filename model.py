@@ -80,11 +80,6 @@ def _save(ctx, *tensors):
     ctx.save_for_backward(*tensors)
 
 
-def _plus(a, b):
-    """a + b where either may be None (a tangent that does not exist)."""
-    return b if a is None else a if b is None else a + b
-
-
 class LinearFunction(torch.autograd.Function):
     """y = x Wᵀ. Tangent dx Wᵀ + x dWᵀ; gradients g W and gᵀx."""
     generate_vmap_rule = True
