@@ -272,8 +272,13 @@ class CausalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        # P (T×T per head) is kept only for jvp, which runs right away; the
+        # backward lets SDPA recompute what it needs, as in training.
         ctx.mark_non_differentiable(output[1])
-        _save(ctx, *(t.flatten(0, -3) for t in (*inputs, output[0])), output[1])
+        ctx.set_materialize_grads(False)
+        q, k, v = (t.detach() for t in inputs)
+        ctx.save_for_forward(*(t.flatten(0, -3) for t in (q, k, v, output[0].detach())), output[1].detach())
+        ctx.save_for_backward(q, k, v)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
@@ -293,11 +298,10 @@ class CausalAttentionFunction(torch.autograd.Function):
     def backward(ctx, g, _):
         if g is None:
             return None, None, None
-        q, k, v, y, P = ctx.saved_tensors
-        shape, g = g.shape, g.flatten(0, -3)
-        scale = q.shape[-1] ** -0.5
-        gS = P * torch.baddbmm(torch.linalg.vecdot(g, y).unsqueeze(-1).mul_(-scale), g, v.transpose(1, 2), alpha=scale)
-        return (gS @ k).view(shape), (gS.transpose(1, 2) @ q).view(shape), (P.transpose(1, 2) @ g).view(shape)
+        with torch.enable_grad():
+            qkv = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            y = F.scaled_dot_product_attention(*qkv, is_causal=True)
+        return torch.autograd.grad(y, qkv, g)
 
 
 class RMSNorm(nn.Module):
