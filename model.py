@@ -259,8 +259,17 @@ class CausalAttentionFunction(torch.autograd.Function):
     and the gradient g_S = P ⊙ (g Vᵀ - rowsum(g ⊙ y))/√d. Masked entries of P
     are exactly 0, so no mask is needed after the softmax. Inside, the batch
     and head dimensions are flattened so that sums of products fuse (baddbmm).
+
+    The backward either reuses P or lets SDPA recompute what it needs, as in
+    training (`reuse_probabilities`): on a CPU the reuse is faster, on CUDA
+    SDPA's fused backward is, and keeping P (T×T per head and layer) until
+    the backward would cost gigabytes at T = 1024.
     """
     generate_vmap_rule = True
+
+    @staticmethod
+    def reuse_probabilities(q):
+        return q.device.type == "cpu"
 
     @staticmethod
     def forward(q, k, v):
@@ -272,13 +281,12 @@ class CausalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # P (T×T per head) is kept only for jvp, which runs right away; the
-        # backward lets SDPA recompute what it needs, as in training.
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
         q, k, v = (t.detach() for t in inputs)
-        ctx.save_for_forward(*(t.flatten(0, -3) for t in (q, k, v, output[0].detach())), output[1].detach())
-        ctx.save_for_backward(q, k, v)
+        flat = [t.flatten(0, -3) for t in (q, k, v, output[0].detach())] + [output[1].detach()]
+        ctx.save_for_forward(*flat)  # jvp runs right away, then lets these go
+        ctx.save_for_backward(*flat if CausalAttentionFunction.reuse_probabilities(q) else (q, k, v))
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
@@ -298,10 +306,16 @@ class CausalAttentionFunction(torch.autograd.Function):
     def backward(ctx, g, _):
         if g is None:
             return None, None, None
-        with torch.enable_grad():
-            qkv = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-            y = F.scaled_dot_product_attention(*qkv, is_causal=True)
-        return torch.autograd.grad(y, qkv, g)
+        if len(ctx.saved_tensors) == 3:  # P was not kept: SDPA recomputes
+            with torch.enable_grad():
+                qkv = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+                y = F.scaled_dot_product_attention(*qkv, is_causal=True)
+            return torch.autograd.grad(y, qkv, g)
+        q, k, v, y, P = ctx.saved_tensors
+        shape, g = g.shape, g.flatten(0, -3)
+        scale = q.shape[-1] ** -0.5
+        gS = P * torch.baddbmm(torch.linalg.vecdot(g, y).unsqueeze(-1).mul_(-scale), g, v.transpose(1, 2), alpha=scale)
+        return (gS @ k).view(shape), (gS.transpose(1, 2) @ q).view(shape), (P.transpose(1, 2) @ g).view(shape)
 
 
 class RMSNorm(nn.Module):

@@ -114,16 +114,18 @@ def kernel_cases():
          lambda x, w: F.rms_norm(x, (4,), w, 1e-6)),
         ("rotary", lambda x: RotaryFunction.apply(x, cos, sin), [(2, 3, 5, 4)], rotary_reference),
         ("swiglu", SwiGLUFunction.apply, [(2, 3, 4), (2, 3, 4)], lambda a, b: F.silu(a) * b),
-        ("attention", lambda q, k, v: CausalAttentionFunction.apply(q, k, v)[0], [(2, 2, 5, 3)] * 3,
-         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-    ]
+    ] + [(name, lambda q, k, v: CausalAttentionFunction.apply(q, k, v)[0], [(2, 2, 5, 3)] * 3,
+          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+         for name in ("attention", "attention_sdpa")]
 
 
 @pytest.mark.parametrize("case", kernel_cases(), ids=lambda c: c[0])
-def test_kernels_match_torch_and_finite_differences(case):
+def test_kernels_match_torch_and_finite_differences(case, monkeypatch):
     """Each hand-written kernel: its value against torch's own op, its jvp and
-    vjp against finite differences, with every subset of inputs carrying a tangent."""
-    _, fn, shapes, reference = case
+    vjp against finite differences, with every subset of inputs carrying a tangent.
+    Attention's backward both ways: reusing P (the CPU's) or SDPA recomputing (CUDA's)."""
+    name, fn, shapes, reference = case
+    monkeypatch.setattr(CausalAttentionFunction, "reuse_probabilities", staticmethod(lambda q: name != "attention_sdpa"))
     torch.manual_seed(0)
     inputs = [torch.randn(s, dtype=torch.float64) for s in shapes]
     torch.testing.assert_close(fn(*inputs), reference(*inputs))
