@@ -91,7 +91,7 @@ class CrossEntropy:
 
     @staticmethod
     def quadratic(z, y, u):
-        """ℓ(z), ∇ℓᵀu + ½ uᵀHu and the residual ∇ℓ + H u, from one softmax.
+        """ℓ(z), the slope ∇ℓᵀu, the curvature uᵀHu and the residual ∇ℓ + H u, from one softmax.
 
         With s = pᵀu per token: ∇ℓ + H u = (p ⊙ (1 + u - s) - onehot(y)) / N,
         ∇ℓᵀu = Σ(s - u_y) / N and uᵀHu = Σ(pᵀu² - s²) / N.
@@ -103,11 +103,11 @@ class CrossEntropy:
         p.exp_()
         pu = p * u
         s = pu.sum(-1, keepdim=True)
-        change = ((s - u.gather(-1, index)).sum()
-                  + 0.5 * (torch.linalg.vecdot(pu, u).sum() - s.pow(2).sum())) / y.numel()
+        slope = (s - u.gather(-1, index)).sum() / y.numel()
+        curvature = (torch.linalg.vecdot(pu, u).sum() - s.pow(2).sum()) / y.numel()
         residual = pu.add_(p).addcmul_(p, s, value=-1)
         residual.scatter_add_(-1, index, torch.full_like(s, -1.0))
-        return value, change, residual.div_(y.numel()).to(z.dtype)
+        return value, slope, curvature, residual.div_(y.numel()).to(z.dtype)
 
 
 class MeanSquaredError:
@@ -127,9 +127,9 @@ class MeanSquaredError:
 
     @staticmethod
     def quadratic(z, y, u):
-        """ℓ(z), ∇ℓᵀu + ½ uᵀHu and the residual ∇ℓ + H u."""
+        """ℓ(z), the slope ∇ℓᵀu, the curvature uᵀHu and the residual ∇ℓ + H u."""
         g, hu = MeanSquaredError.grad(z, y), MeanSquaredError.hvp(z, y, u)
-        return MeanSquaredError.value(z, y), wide(g * u).sum() + 0.5 * wide(hu * u).sum(), g + hu
+        return MeanSquaredError.value(z, y), wide(g * u).sum(), wide(hu * u).sum(), g + hu
 
 
 LOSSES = {"ce": CrossEntropy, "mse": MeanSquaredError}
@@ -183,7 +183,8 @@ def model_gradient(f, params, delta, targets, loss="ce", prox_linear=False):
             values["loss0"] = H.value(z, targets)
             values["change"] = H.value(z + jd, targets) - values["loss0"]
             return H.grad(z + jd, targets)
-        values["loss0"], values["change"], r = H.quadratic(z, targets, jd)
+        values["loss0"], slope, curvature, r = H.quadratic(z, targets, jd)
+        values["change"] = slope + 0.5 * curvature
         return r
 
     grad = jvp_vjp(f, params, delta, residual)[2]
@@ -246,8 +247,7 @@ def directional_model(model, params, d, ls_batches, H):
     totals = 0
     for x, y in ls_batches:
         z, jd = jvp(lambda p: functional_call(model, p, (x,)), (params,), (d,))
-        hjd = H.hvp(z, y, jd)
-        totals = totals + torch.stack([H.value(z, y), wide(H.grad(z, y) * jd).sum(), wide(hjd * jd).sum()])
+        totals = totals + torch.stack(H.quadratic(z, y, jd)[:3])
     loss0, slope, curvature = all_reduce_mean([totals / len(ls_batches)])[0].tolist()
     return loss0, slope, curvature
 
