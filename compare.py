@@ -1,28 +1,38 @@
 """Compare Gauss-Newton against tuned first-order baselines: steps to a target loss.
 
-    python compare.py --preset cpu                  # the whole comparison on a laptop (under 30 min, 2 cores)
-    python compare.py --preset cpu --batch-sweep    # and steps to target against the outer batch size
-    python compare.py --preset 45m --data DIR       # the paper's 45M recipe on a GPU (C4, T5 tokens)
+    python compare.py                          # the headline: every optimizer at 64K tokens per step (~25 min)
+    python compare.py --batch-sweep            # steps to target from 4K to 256K tokens per step (~90 min)
+    python compare.py --preset 45m --data DIR  # the paper's 45M model on a GPU (C4, T5 tokens)
 
-Every optimizer trains the same model on the same data, seed and outer batch
-(batch-size x micro-batches sequences per outer step). Each baseline runs its
-preset's learning-rate grid for a fixed step budget with the validation loss
-evaluated at every step. The target is --target-loss, or else the lowest final
-validation loss any baseline reaches: so "GN needs N times fewer steps" is
-measured against the best tuned baseline, never assumed. Each optimizer keeps
-the run that reaches the target in the fewest steps (ties: the lower final
-loss). Gauss-Newton runs its preset settings and stops at the target.
+GN's advantage lives at large batch: a first-order method stops needing fewer
+steps once its batch passes its critical batch size, GN keeps gaining (the
+paper: AdamW and Muon saturate near 12M tokens per step at 150M parameters, GN
+near 40M). The cpu preset's default batch, 64K tokens, is past Muon's critical
+batch on the tiny model; --batch-sweep measures the whole curve.
 
-Every run is `train.py` in its own process, so the peak memory is per run:
-torch.cuda.max_memory_allocated on CUDA, the process's maximum resident set
-size on CPU (the model and the optimizer, plus torch and the data: a baseline
-of a few hundred MB).
+Fair budgets. At a given outer batch (batch-size x micro-batches sequences per
+step) every optimizer gets the same step budget, the same data and seed, and
+its own learning-rate sweep (GN: its inner lr). A sweep whose best lr lies at
+the edge of its grid is extended by a factor of 2 beyond that edge, up to
+twice. Every run stops when its validation loss, evaluated at every step,
+reaches the target; a learning rate that has not reached it by the step where
+the best one so far did stops there, since it can no longer win (its schedule
+still spans the whole budget, so the runs it is compared with are unchanged).
+The target is the preset's (fixed in advance), or else the lowest final
+validation loss of any baseline run.
 
-Writes to --out DIR: results.json, loss.png (and batch_sweep.png), one
-directory per run with train.py's metrics.jsonl and config.json; prints a
-markdown table at the end. A run directory holding a finished run with the
-same train.py arguments is reused, so an interrupted comparison continues
-where it stopped (delete DIR to run everything again).
+The batch sweep fits each optimizer's steps to target S against the batch B
+with the model of McCandlish et al. 2018, "An Empirical Model of Large-Batch
+Training": S(B) = S_min (1 + B_noise / B). B_noise is the critical batch:
+below it more data per step buys fewer steps, above it hardly any.
+
+Every run is `train.py` in its own process (--jobs at a time, each with its
+share of the cores), so the peak memory is per run: torch.cuda.max_memory_allocated
+on CUDA, the process's maximum resident set size on CPU. Writes to --out DIR:
+results.json and loss.png (and batch.json, batch.png, batch_loss.png), one
+directory per run with train.py's metrics.jsonl, config.json and train.log. A
+finished run with the same train.py arguments is reused, so an interrupted
+comparison continues where it stopped (delete DIR to run everything again).
 """
 import argparse
 import json
@@ -30,49 +40,55 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from train import FIRST_ORDER, GN_VARIANTS, ArgumentParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# A run: shape (model, micro-batch, sequence length, micro-batches per outer
-# step), the baselines' step budget and learning-rate grids, GN's step cap and
-# inner learning rate, extra train.py options, and the micro-batches per outer
-# step that --batch-sweep tries (the comparison's own is the largest).
+# A preset: the model and micro-batch shape, the micro-batches per outer step
+# of the headline comparison and of the batch sweep, the step budget at each
+# of those (the same for every optimizer), the target loss, the learning-rate
+# grids (GN: inner lr), the optimizers, and extra train.py options.
+CPU = dict(
+    model="tiny", batch_size=16, seq_len=64, eval_batches=8, target_loss=2.35,
+    micro_batches=64, batch_sweep=[4, 16, 64, 256], budget={4: 160, 16: 80, 64: 40, 256: 40},
+    # The baselines' grids are train.py's tuned defaults times 0.5, 1 and 2.
+    lrs={"adamw": [1.5e-3, 3e-3, 6e-3], "muon": [0.03, 0.06, 0.12], "soap": [4.5e-3, 9e-3, 1.8e-2],
+         "shampoo": [1.5e-3, 3e-3, 6e-3], "gn": [0.005, 0.01, 0.02], "gn_layerwise": [0.02, 0.04, 0.08],
+         "gn_prox": [0.005, 0.01, 0.02], "gn_layerwise_prox": [0.02, 0.04, 0.08]},
+    opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"],
+    sweep_opts=["adamw", "muon", "soap", "gn", "gn_layerwise"], seed_opts=["muon", "gn"],
+    train_args=[], gn_args=[])
+
+# The paper's 45M and 150M recipes (DESIGN.md): 122 micro-batches of 32
+# sequences, inner Muon lr 0.01, weight decay 0.001, EMA 0.999 for GN, 227
+# outer steps. The paper also started GN from a 1000-step AdamW checkpoint;
+# this does not. No fixed target: the best baseline's final loss.
+PAPER = dict(
+    batch_size=32, seq_len=1024, eval_batches=16, target_loss=None,
+    micro_batches=122, batch_sweep=[30, 61, 122], budget={30: 1000, 61: 1000, 122: 1000},
+    opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"], sweep_opts=["muon", "gn"], seed_opts=[],
+    train_args=["--weight-decay", "0.001"], gn_args=["--ema", "0.999"])
+PAPER_GN_LR = {"gn": [0.01], "gn_layerwise": [0.01], "gn_prox": [0.01], "gn_layerwise_prox": [0.01]}
+
 PRESETS = {
-    # tiny model, 16 x 16 x 64 = 16K tokens per outer step. The grids are the
-    # tuned defaults of README.md (at 8 micro-batches) times 0.5, 1 and 2.
-    "cpu": dict(model="tiny", batch_size=16, seq_len=64, micro_batches=16, eval_batches=8,
-                baseline_steps=80, gn_steps=40,
-                lrs={"adamw": [3e-3, 6e-3, 1.2e-2], "muon": [0.03, 0.06, 0.12],
-                     "soap": [4.5e-3, 9e-3, 1.8e-2], "shampoo": [1.5e-3, 3e-3, 6e-3]},
-                inner_lr={"gn": 0.02, "gn_layerwise": 0.04, "gn_prox": 0.02, "gn_layerwise_prox": 0.04},
-                opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"],
-                train_args=[], gn_args=[], batch_sweep=[4, 8, 16]),
-    # The paper's 45M recipe (DESIGN.md): 122 micro-batches of 32 sequences,
-    # inner Muon lr 0.01, weight decay 0.001, EMA 0.999, 227 outer steps. The
-    # paper also started GN from a 1000-step AdamW checkpoint; this does not.
-    "45m": dict(model="45m", batch_size=32, seq_len=1024, micro_batches=122, eval_batches=16,
-                baseline_steps=1000, gn_steps=227,
-                lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [0.01, 0.02, 0.04],
-                     "soap": [1.5e-3, 3e-3, 6e-3], "shampoo": [1e-3, 2e-3, 4e-3]},
-                inner_lr={"gn": 0.01, "gn_layerwise": 0.01, "gn_prox": 0.01, "gn_layerwise_prox": 0.01},
-                opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"],
-                train_args=["--weight-decay", "0.001"], gn_args=["--ema", "0.999"], batch_sweep=[30, 61, 122]),
-    "150m": dict(model="150m", batch_size=32, seq_len=1024, micro_batches=122, eval_batches=16,
-                 baseline_steps=1000, gn_steps=227,
-                 lrs={"adamw": [5e-4, 1e-3, 2e-3], "muon": [0.01, 0.02, 0.04],
-                      "soap": [1e-3, 2e-3, 4e-3], "shampoo": [5e-4, 1e-3, 2e-3]},
-                 inner_lr={"gn": 0.01, "gn_layerwise": 0.01, "gn_prox": 0.01, "gn_layerwise_prox": 0.01},
-                 opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"],
-                 train_args=["--weight-decay", "0.001"], gn_args=["--ema", "0.999"], batch_sweep=[30, 61, 122]),
+    "cpu": CPU,
+    "45m": dict(PAPER, model="45m", lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [0.01, 0.02, 0.04],
+                                        "soap": [1.5e-3, 3e-3, 6e-3], "shampoo": [1e-3, 2e-3, 4e-3], **PAPER_GN_LR}),
+    "150m": dict(PAPER, model="150m", lrs={"adamw": [5e-4, 1e-3, 2e-3], "muon": [0.01, 0.02, 0.04],
+                                          "soap": [1e-3, 2e-3, 4e-3], "shampoo": [5e-4, 1e-3, 2e-3], **PAPER_GN_LR}),
     # A few seconds per run, for the tests: not a measurement.
-    "smoke": dict(model="tiny", batch_size=4, seq_len=32, micro_batches=2, eval_batches=2,
-                  baseline_steps=4, gn_steps=3,
-                  lrs={"adamw": [3e-3, 1e-2], "muon": [0.06], "soap": [9e-3], "shampoo": [3e-3]},
-                  inner_lr={"gn": 0.02, "gn_layerwise": 0.04, "gn_prox": 0.02, "gn_layerwise_prox": 0.04},
-                  opts=["adamw", "gn"], train_args=[], gn_args=[], batch_sweep=[1, 2]),
+    "smoke": dict(CPU, batch_size=4, seq_len=32, eval_batches=2, target_loss=None, micro_batches=2,
+                  batch_sweep=[1, 2], budget={1: 4, 2: 4},
+                  lrs={"adamw": [3e-3, 1e-2], "muon": [0.06], "soap": [9e-3], "shampoo": [3e-3], "gn": [0.02],
+                       "gn_layerwise": [0.04], "gn_prox": [0.02], "gn_layerwise_prox": [0.04]},
+                  opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"]),
 }
+RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 4}  # per step, to start long sweeps first
+MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
 
 # What each run process does: train.py's main, then its peak memory into DIR/memory.json.
 CHILD = """
@@ -93,6 +109,10 @@ with open(os.path.join(argv[argv.index('--out') + 1], 'memory.json'), 'w') as f:
 """
 
 
+class RunRejected(Exception):
+    """train.py refused a run as bad input (exit 2): every other run would fail the same way."""
+
+
 def fail(message):
     print(f"compare.py: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -100,35 +120,50 @@ def fail(message):
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Steps to a target loss: Gauss-Newton against tuned first-order baselines.")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model, batch, budgets and grids")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model, batches, budgets and grids")
     p.add_argument("--out", default=None, help="output directory (default: runs/compare-PRESET)")
     p.add_argument("--target-loss", type=float, default=None,
-                   help="validation loss to reach (default: the best baseline's final validation loss)")
+                   help="validation loss to reach (default: the preset's, else the best baseline's final loss)")
     p.add_argument("--opts", default=None,
                    help="comma-separated optimizers (default: the preset's; any of "
                         f"{', '.join(FIRST_ORDER + tuple(GN_VARIANTS))})")
-    p.add_argument("--inner-lr-sweep", action="store_true",
-                   help="run each GN variant at 0.5x, 1x and 2x its preset inner lr and keep the best")
     p.add_argument("--batch-sweep", action="store_true",
-                   help="then steps to target against the outer batch size, for the best baseline and full GN")
+                   help="steps to target against the outer batch size, with the critical-batch fit")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, each with its share of the cores (default: 2 on CPU, 1 on CUDA)")
     p.add_argument("--data", default=None, help="train.py's --data (default: the embedded corpus)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="train.py's --device")
-    p.add_argument("--seed", type=int, default=0, help="one seed for every run")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run (the batch sweep adds seed+1)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    args.opts = args.opts.split(",") if args.opts else preset["opts"]
+    if args.opts:
+        args.opts = args.opts.split(",")
+    else:
+        args.opts = preset["sweep_opts"] if args.batch_sweep else preset["opts"]
     for name in args.opts:
         if name not in FIRST_ORDER and name not in GN_VARIANTS:
             p.error(f"--opts: unknown optimizer {name!r}")
+    if args.target_loss is None:
+        args.target_loss = preset["target_loss"]
     if not any(name in FIRST_ORDER for name in args.opts) and args.target_loss is None:
         p.error("without a baseline in --opts there is no default target: give --target-loss")
-    if args.batch_sweep and "gn" not in args.opts:
-        p.error("--batch-sweep compares full GN ('gn') with the best baseline: put gn in --opts")
+    if args.batch_sweep and args.target_loss is None:
+        p.error(f"--batch-sweep needs a fixed target: give --target-loss (preset {args.preset} has none)")
+    if args.jobs is None:
+        import torch  # only to see whether runs will share a GPU
+        on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.jobs = 1 if on_cuda else min(2, os.cpu_count() or 1)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.out is None:
         args.out = os.path.join("runs", f"compare-{args.preset}")
     if args.data is not None:
         args.data = os.path.abspath(args.data)
     return args
+
+
+# ---------------------------------------------------------------------------
+# Reading runs
 
 
 def read_metrics(run_dir):
@@ -152,59 +187,15 @@ def final_val_loss(records):
     return losses[-1] if losses and math.isfinite(losses[-1]) else None
 
 
-def train_argv(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
-    """train.py's arguments for one run of the comparison."""
-    preset = PRESETS[args.preset]
-    is_gn = opt in GN_VARIANTS
-    argv = ["--opt", opt, "--model", preset["model"], "--batch-size", str(preset["batch_size"]),
-            "--seq-len", str(preset["seq_len"]), "--micro-batches", str(micro_batches), "--steps", str(steps),
-            "--eval-every", "1", "--eval-batches", str(preset["eval_batches"]), "--seed", str(args.seed),
-            "--device", args.device, "--sample-tokens", "0", "--ckpt-every", str(steps + 1), "--out", run_dir,
-            "--inner-lr" if is_gn else "--lr", str(lr), *preset["train_args"], *(preset["gn_args"] if is_gn else [])]
-    if args.data is not None:
-        argv += ["--data", args.data]
-    if target_loss is not None:
-        argv += ["--target-loss", repr(target_loss)]
-    return argv
-
-
-def train_run(args, run_dir, opt, lr, micro_batches, steps, target_loss=None):
-    """One train.py run in its own process; returns its metrics, memory and exit status."""
-    argv = train_argv(args, run_dir, opt, lr, micro_batches, steps, target_loss)
-    finished = os.path.join(run_dir, "finished.json")  # train.py's arguments and exit code of a finished run
-    if os.path.exists(finished) and json.load(open(finished))["argv"] == argv:
-        print(f"reusing the finished run in {run_dir}")
-        code = json.load(open(finished))["exit_code"]
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        for stale in (finished, os.path.join(run_dir, "memory.json")):
-            if os.path.exists(stale):
-                os.remove(stale)
-        code = subprocess.run([sys.executable, "-c", CHILD, HERE, *argv]).returncode
-        if code == 2:  # train.py's bad-input exit: every other run would fail the same way
-            fail(f"train.py rejected the run in {run_dir} (its message is above)")
-        if code not in (0, 1):  # interrupted or killed: not a finished run (1 is a run that diverged)
-            print(f"compare.py: the run in {run_dir} stopped with exit code {code}", file=sys.stderr)
-            sys.exit(code if code > 0 else 1)
-        with open(finished, "w") as f:
-            json.dump({"argv": argv, "exit_code": code}, f)
-    memory = {}
-    if os.path.exists(os.path.join(run_dir, "memory.json")):
-        with open(os.path.join(run_dir, "memory.json")) as f:
-            memory = json.load(f)
-    return {"opt": opt, "lr": lr, "micro_batches": micro_batches, "records": read_metrics(run_dir),
-            "exit_code": code, "peak_memory_bytes": memory.get("peak_memory_bytes"), "memory_kind": memory.get("kind")}
-
-
 def summarize(run, target):
     """The numbers results.json keeps for one run, measured against target."""
-    reached = first_reaching(run["records"], target)
+    reached = first_reaching(run["records"], target) if target is not None else None
     return {"steps_to_target": reached["step"] if reached else None,
             "tokens_to_target": reached["tokens"] if reached else None,
             "time_to_target_s": round(reached["time_s"], 2) if reached else None,
-            "final_val_loss": final_val_loss(run["records"]), "lr": run["lr"],
+            "final_val_loss": final_val_loss(run["records"]), "lr": run["lr"], "seed": run.get("seed"),
             "steps_run": run["records"][-1]["step"] if run["records"] else 0,
-            "tokens_per_step": run["records"][0]["tokens"] if run["records"] else None,
+            "tokens_per_step": run.get("tokens_per_step"),
             "peak_memory_bytes": run["peak_memory_bytes"], "memory_kind": run["memory_kind"],
             "exit_code": run["exit_code"]}
 
@@ -217,46 +208,203 @@ def best_of(summaries):
     return min(summaries, key=key)
 
 
-def sweep(args, runs_dir, opt, micro_batches, target_loss=None, step_scale=1.0):
-    """Every learning rate of opt's grid at this outer batch; returns the runs."""
+# ---------------------------------------------------------------------------
+# Running them
+
+
+def train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+    """train.py's arguments for one run of the comparison."""
     preset = PRESETS[args.preset]
-    if opt in GN_VARIANTS:
-        lr = preset["inner_lr"][opt]
-        grid = [lr / 2, lr, lr * 2] if args.inner_lr_sweep else [lr]
-        steps = preset["gn_steps"]
+    is_gn = opt in GN_VARIANTS
+    steps = preset["budget"][micro_batches]
+    argv = ["--opt", opt, "--model", preset["model"], "--batch-size", str(preset["batch_size"]),
+            "--seq-len", str(preset["seq_len"]), "--micro-batches", str(micro_batches), "--steps", str(steps),
+            "--eval-every", "1", "--eval-batches", str(preset["eval_batches"]), "--seed", str(seed),
+            "--device", args.device, "--sample-tokens", "0", "--ckpt-every", str(steps + 1), "--out", run_dir,
+            "--inner-lr" if is_gn else "--lr", str(lr), *preset["train_args"], *(preset["gn_args"] if is_gn else [])]
+    if args.data is not None:
+        argv += ["--data", args.data]
+    if target_loss is not None:
+        argv += ["--target-loss", repr(target_loss)]
+    if stop_at is not None and stop_at < steps:
+        argv += ["--stop-at-step", str(stop_at)]
+    return argv
+
+
+def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+    """One train.py run in its own process (output in run_dir/train.log); returns its metrics and memory."""
+    argv = train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss, stop_at)
+    finished = os.path.join(run_dir, "finished.json")  # train.py's arguments and exit code of a finished run
+    if os.path.exists(finished) and json.load(open(finished))["argv"] == argv:
+        print(f"reusing the finished run in {run_dir}", flush=True)
+        code = json.load(open(finished))["exit_code"]
     else:
-        grid = preset["lrs"][opt]
-        steps = preset["baseline_steps"]
-    steps = max(1, round(steps * step_scale))
-    runs = []
-    for lr in grid:
-        print(f"\n== {opt} lr {lr:g}, {micro_batches} x {preset['batch_size']} x {preset['seq_len']} tokens "
-              f"per step, up to {steps} steps", flush=True)
-        run_dir = os.path.join(runs_dir, f"{opt}-mb{micro_batches}-lr{lr:g}")
-        runs.append(train_run(args, run_dir, opt, lr, micro_batches, steps, target_loss))
+        os.makedirs(run_dir, exist_ok=True)
+        for stale in (finished, os.path.join(run_dir, "memory.json")):
+            if os.path.exists(stale):
+                os.remove(stale)
+        print(f"start  {os.path.basename(run_dir)}" + (f" (stops by step {stop_at})" if stop_at else ""), flush=True)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(os.path.join(run_dir, "train.log"), "w") as log:
+            code = subprocess.run([sys.executable, "-c", CHILD, HERE, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+        if code == 2:
+            with open(os.path.join(run_dir, "train.log")) as log:
+                print(log.read().strip().splitlines()[-1], file=sys.stderr)
+            raise RunRejected(f"train.py rejected the run in {run_dir} (its message is above)")
+        if code not in (0, 1):  # interrupted or killed: not a finished run (1 is a run that diverged)
+            raise RuntimeError(f"the run in {run_dir} stopped with exit code {code}; rerun to continue")
+        with open(finished, "w") as f:
+            json.dump({"argv": argv, "exit_code": code}, f)
+    memory = {}
+    if os.path.exists(os.path.join(run_dir, "memory.json")):
+        with open(os.path.join(run_dir, "memory.json")) as f:
+            memory = json.load(f)
+    preset = PRESETS[args.preset]
+    records = read_metrics(run_dir)
+    reached = first_reaching(records, target_loss) if target_loss is not None else None
+    print(f"done   {os.path.basename(run_dir)}: "
+          + (f"target at step {reached['step']}" if reached else f"final loss {final_val_loss(records)}"), flush=True)
+    return {"opt": opt, "lr": lr, "seed": seed, "micro_batches": micro_batches, "records": records,
+            "tokens_per_step": micro_batches * preset["batch_size"] * preset["seq_len"],
+            "exit_code": code, "peak_memory_bytes": memory.get("peak_memory_bytes"), "memory_kind": memory.get("kind")}
+
+
+def run_dir_of(args, opt, micro_batches, lr, seed):
+    return os.path.join(args.out, "runs", f"{opt}-mb{micro_batches}-lr{lr:g}" + (f"-seed{seed}" if seed else ""))
+
+
+def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None):
+    """opt's learning-rate grid at this outer batch, the middle lr first; returns every run.
+
+    Once a run has reached the target, later lrs stop at that step: they can no
+    longer win. A best lr at an edge of the grid extends it (MAX_GRID_EXTENSIONS).
+    """
+    seed = args.seed if seed is None else seed
+    grid = list(grid or PRESETS[args.preset]["lrs"][opt])
+    order = sorted(grid, key=lambda lr: abs(grid.index(lr) - (len(grid) - 1) / 2))
+    runs, extensions = [], 0
+    while order:
+        lr = order.pop(0)
+        best = best_of([summarize(r, target_loss) for r in runs]) if runs else None
+        stop_at = best["steps_to_target"] if best else None
+        runs.append(train_run(args, run_dir_of(args, opt, micro_batches, lr, seed), opt, lr, micro_batches, seed,
+                              target_loss, stop_at))
+        if not order and len(grid) > 1 and extensions < MAX_GRID_EXTENSIONS:
+            best_lr = best_of([summarize(r, target_loss) for r in runs])["lr"]
+            if best_lr in (min(grid), max(grid)):
+                order.append(best_lr / 2 if best_lr == min(grid) else best_lr * 2)
+                grid.append(order[-1])
+                extensions += 1
     return runs
 
 
-def compare(args, micro_batches, runs_dir, target_loss, baselines, step_scale=1.0):
-    """Baselines first, then the target (when not given), then GN. A run stops at the target when it is
-    known beforehand: the baselines run their whole budget only when they set the target.
+def run_all(args, jobs):
+    """Run the (opt, micro_batches, seed, target[, grid]) sweeps of jobs, args.jobs at a time, longest first."""
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {job: pool.submit(sweep, args, *job[:2], job[3], job[2], job[4] if len(job) > 4 else None)
+                   for job in sorted(jobs, key=lambda j: -j[1] * RELATIVE_COST.get(j[0], 1))}
+        try:
+            return {job: future.result() for job, future in futures.items()}
+        except RunRejected as e:
+            for future in futures.values():
+                future.cancel()
+            fail(str(e))
+
+
+def compare(args, micro_batches, target_loss):
+    """Every optimizer of args.opts at one outer batch. Without a target, the baselines run first and
+    the lowest final validation loss of any of their runs becomes it.
 
     Returns (target, {opt: summary of its best run}, {opt: its best run}, {opt: every lr's summary}).
     """
-    all_runs = {opt: sweep(args, runs_dir, opt, micro_batches, target_loss, step_scale) for opt in baselines}
+    baselines = [o for o in args.opts if o in FIRST_ORDER]
+    first = baselines if target_loss is None else args.opts
+    all_runs = {job[0]: runs for job, runs in run_all(args, [(o, micro_batches, args.seed, target_loss)
+                                                             for o in first]).items()}
     if target_loss is None:
-        finals = [final_val_loss(r["records"]) for runs in all_runs.values() for r in runs]
-        finals = [f for f in finals if f is not None]
+        finals = [f for runs in all_runs.values() for f in (final_val_loss(r["records"]) for r in runs) if f]
         if not finals:
             fail("no baseline run finished with a finite validation loss: no target to measure against")
         target_loss = min(finals)
-    for opt in args.opts:
-        if opt in GN_VARIANTS:
-            all_runs[opt] = sweep(args, runs_dir, opt, micro_batches, target_loss, step_scale)
+        rest = [o for o in args.opts if o not in all_runs]
+        all_runs.update({job[0]: runs for job, runs in run_all(args, [(o, micro_batches, args.seed, target_loss)
+                                                                      for o in rest]).items()})
+    all_runs = {o: all_runs[o] for o in args.opts}
     summaries = {opt: [summarize(r, target_loss) for r in runs] for opt, runs in all_runs.items()}
     best = {opt: best_of(s) for opt, s in summaries.items()}
     best_runs = {opt: all_runs[opt][summaries[opt].index(best[opt])] for opt in all_runs}
     return target_loss, best, best_runs, summaries
+
+
+# ---------------------------------------------------------------------------
+# The critical batch
+
+
+def fit_critical_batch(batches, steps):
+    """Fit S(B) = S_min (1 + B_noise / B) to steps to target S at batch sizes B.
+
+    Linear in 1/B: S = S_min + (S_min·B_noise)/B, fit by least squares on the
+    relative error (each point weighted by 1/S), with both coefficients kept
+    non-negative. Returns (S_min, B_noise); B_noise is None when S_min is 0
+    (the steps keep falling as 1/B: no saturation in the measured range).
+    """
+    B, S = np.asarray(batches, dtype=float), np.asarray(steps, dtype=float)
+    if len(B) < 2 or len(set(B)) < 2:
+        raise ValueError("the fit needs steps to target at two or more batch sizes")
+    w = 1 / S
+    design = np.stack([np.ones_like(B), 1 / B], axis=1) * w[:, None]
+    (a, b), *_ = np.linalg.lstsq(design, S * w, rcond=None)
+    if b <= 1e-9 * a:  # no gain from a bigger batch: constant steps
+        a, b = float(np.sum(w * w * S) / np.sum(w * w)), 0.0
+    if a <= 0:  # pure 1/B: perfect scaling, S_min = 0
+        x = w / B
+        a, b = 0.0, float(np.sum(x * S * w) / np.sum(x * x))
+    return float(a), (float(b / a) if a > 0 else None)
+
+
+def batch_sweep(args, target):
+    """Every optimizer of args.opts at every batch of the preset, plus a second seed at the largest batch."""
+    preset = PRESETS[args.preset]
+    largest = max(preset["batch_sweep"])
+    jobs = [(o, m, args.seed, target) for o in args.opts for m in preset["batch_sweep"]]
+    runs = run_all(args, jobs)
+    best = {job: best_of([summarize(r, target) for r in rs]) for job, rs in runs.items()}
+    seeds = [(o, largest, args.seed + 1, target, (best[(o, largest, args.seed, target)]["lr"],))
+             for o in preset["seed_opts"] if o in args.opts]
+    seed_runs = run_all(args, seeds)
+
+    results = {"target_loss": target, "preset": args.preset, "seeds": [args.seed, args.seed + 1],
+               "budget_steps": {str(preset["batch_size"] * preset["seq_len"] * m): preset["budget"][m]
+                                for m in preset["batch_sweep"]},
+               "optimizers": {}}
+    for opt in args.opts:
+        rows = [best[(opt, m, args.seed, target)] for m in preset["batch_sweep"]]
+        entry = {key: [row[k] for row in rows] for key, k in
+                 (("tokens_per_step", "tokens_per_step"), ("steps_to_target", "steps_to_target"),
+                  ("best_lr", "lr"), ("time_to_target_s", "time_to_target_s"),
+                  ("tokens_to_target", "tokens_to_target"), ("final_val_loss", "final_val_loss"))}
+        reached = [(b, s) for b, s in zip(entry["tokens_per_step"], entry["steps_to_target"]) if s]
+        entry["s_min"], entry["b_noise"] = fit_critical_batch(*zip(*reached)) if len(reached) >= 2 else (None, None)
+        entry["lr_sweeps"] = [[{k: s[k] for k in ("lr", "steps_to_target", "steps_run", "final_val_loss")}
+                               for s in (summarize(r, target) for r in runs[(opt, m, args.seed, target)])]
+                              for m in preset["batch_sweep"]]
+        job = next((j for j in seed_runs if j[0] == opt), None)
+        if job:
+            other = summarize(seed_runs[job][0], target)
+            pair = [best[(opt, largest, args.seed, target)]["steps_to_target"], other["steps_to_target"]]
+            entry["seeds_at_largest_batch"] = {"seeds": [args.seed, args.seed + 1], "lr": other["lr"],
+                                               "steps_to_target": pair,
+                                               "spread": (max(pair) - min(pair)) if None not in pair else None}
+        results["optimizers"][opt] = entry
+    best_runs = {opt: next(r for r in runs[(opt, largest, args.seed, target)]
+                           if r["lr"] == results["optimizers"][opt]["best_lr"][-1]) for opt in args.opts}
+    return results, best_runs
+
+
+# ---------------------------------------------------------------------------
+# Reporting
 
 
 def table(results):
@@ -279,13 +427,35 @@ def table(results):
     return "\n".join(lines)
 
 
-def plot(path, best_runs, target, title):
+def batch_table(results):
+    """Markdown table: steps to target per optimizer and batch, best lr, and the fit."""
+    opts = results["optimizers"]
+    batches = next(iter(opts.values()))["tokens_per_step"]
+    lines = [f"steps to validation loss {results['target_loss']} (best lr) against tokens per step", "",
+             "| optimizer | " + " | ".join(f"{b // 1024}K" if b >= 1024 else str(b) for b in batches) + " | S_min | B_noise (tokens) |",
+             "|---|" + "---|" * (len(batches) + 2)]
+    for opt, e in opts.items():
+        cells = [f"{s} ({lr:g})" if s else f"- ({lr:g})" for s, lr in zip(e["steps_to_target"], e["best_lr"])]
+        s_min = f"{e['s_min']:.1f}" if e["s_min"] is not None else "-"
+        b_noise = f"{e['b_noise']:.0f}" if e["b_noise"] is not None else ("unbounded" if e["s_min"] == 0 else "-")
+        lines.append(f"| {opt} | " + " | ".join(cells) + f" | {s_min} | {b_noise} |")
+    return "\n".join(lines)
+
+
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print(f"plot skipped ({path}): pip install matplotlib")
+        print("plots skipped: pip install matplotlib")
+        return None
+
+
+def plot_losses(path, best_runs, target, title):
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for opt, run in best_runs.items():
@@ -301,23 +471,30 @@ def plot(path, best_runs, target, title):
     print(f"plot: {path}")
 
 
-def plot_batch_sweep(path, rows):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot skipped ({path}): pip install matplotlib")
+def plot_batch(path, results):
+    """Steps to target against tokens per step, log-log, with each optimizer's fitted curve."""
+    plt = pyplot()
+    if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for opt in rows[0]["runs"]:
-        points = [(row["outer_batch_tokens"], row["runs"][opt]["steps_to_target"]) for row in rows
-                  if row["runs"][opt]["steps_to_target"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (opt, e) in enumerate(results["optimizers"].items()):
+        color = f"C{i}"
+        points = [(b, s) for b, s in zip(e["tokens_per_step"], e["steps_to_target"]) if s]
         if points:
-            ax.plot(*zip(*points), marker="o", label=opt)
-    ax.set(xlabel="outer batch (tokens)", ylabel="steps to target", xscale="log", yscale="log",
-           title="steps to target against the outer batch")
-    ax.legend()
+            ax.plot(*zip(*points), "o", color=color)
+        if e["s_min"] is not None:
+            B = np.geomspace(min(e["tokens_per_step"]), max(e["tokens_per_step"]), 50)
+            fit = e["s_min"] * (1 + e["b_noise"] / B) if e["b_noise"] is not None else None
+            if fit is not None:
+                label = f"{opt}: S_min {e['s_min']:.1f}, B_noise {e['b_noise'] / 1024:.1f}K"
+                ax.plot(B, fit, "-" if opt in FIRST_ORDER else "--", color=color, label=label)
+            else:
+                ax.plot([], [], "o", color=color, label=f"{opt} (no saturation)")
+        elif points:
+            ax.plot([], [], "o", color=color, label=opt)
+    ax.set(xlabel="tokens per outer step", ylabel=f"steps to validation loss {results['target_loss']}",
+           xscale="log", yscale="log", title="steps to target against the batch (fit: McCandlish et al. 2018)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -328,42 +505,34 @@ def main(argv=None):
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
-    baselines = [o for o in args.opts if o in FIRST_ORDER]
-    mb = preset["micro_batches"]
-    target, best, best_runs, summaries = compare(args, mb, os.path.join(args.out, "runs"), args.target_loss,
-                                                 baselines)
+    try:
+        if args.batch_sweep:
+            results, best_runs = batch_sweep(args, args.target_loss)
+            print("\n" + batch_table(results))
+            with open(os.path.join(args.out, "batch.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            plot_batch(os.path.join(args.out, "batch.png"), results)
+            largest = max(preset["batch_sweep"]) * preset["batch_size"] * preset["seq_len"]
+            plot_losses(os.path.join(args.out, "batch_loss.png"), best_runs, results["target_loss"],
+                        f"{preset['model']}, {largest} tokens per outer step")
+            print(f"results: {os.path.join(args.out, 'batch.json')}")
+            return results
+        mb = preset["micro_batches"]
+        target, best, best_runs, summaries = compare(args, mb, args.target_loss)
+    except RuntimeError as e:
+        fail(str(e))
     results = {"target_loss": target, "preset": args.preset,
-               "target_rule": "given" if args.target_loss is not None else "best baseline's final val loss",
-               "outer_batch_tokens": mb * preset["batch_size"] * preset["seq_len"], "runs": best,
-               "lr_sweeps": summaries}
+               "target_rule": "preset's" if preset["target_loss"] is not None and args.target_loss == target
+               else ("given" if args.target_loss is not None else "best baseline's final val loss"),
+               "outer_batch_tokens": mb * preset["batch_size"] * preset["seq_len"],
+               "budget_steps": preset["budget"][mb], "runs": best, "lr_sweeps": summaries}
     print("\n" + table(results))
-    for opt in baselines:
-        grid = preset["lrs"][opt]
-        if len(grid) > 1 and best[opt]["lr"] in (grid[0], grid[-1]):
-            print(f"note: {opt}'s best lr {best[opt]['lr']:g} is at the edge of its grid {grid}")
-    plot(os.path.join(args.out, "loss.png"), best_runs, target,
-         f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step")
-
-    if args.batch_sweep and baselines:
-        best_baseline = min(baselines, key=lambda o: (best[o]["steps_to_target"] or math.inf))
-        rows = []
-        for m in preset["batch_sweep"]:
-            if m == mb:
-                row_best = {o: best[o] for o in (best_baseline, "gn")}
-            else:  # the same token budget: more steps at a smaller batch
-                sweep_args = argparse.Namespace(**{**vars(args), "opts": [best_baseline, "gn"]})
-                _, row_best, _, _ = compare(sweep_args, m, os.path.join(args.out, "runs"), target, [best_baseline],
-                                            step_scale=mb / m)
-            rows.append({"micro_batches": m, "outer_batch_tokens": m * preset["batch_size"] * preset["seq_len"],
-                         "runs": row_best})
-        results["batch_sweep"] = rows
-        print(f"\nsteps to target {target:.4f} against the outer batch (tokens)\n")
-        print(f"| outer batch | {best_baseline} | gn |\n|---|---|---|")
-        for row in rows:
-            print(f"| {row['outer_batch_tokens']} | {row['runs'][best_baseline]['steps_to_target'] or '-'} | "
-                  f"{row['runs']['gn']['steps_to_target'] or '-'} |")
-        plot_batch_sweep(os.path.join(args.out, "batch_sweep.png"), rows)
-
+    for opt in args.opts:
+        grid = [s["lr"] for s in summaries[opt]]
+        if len(grid) > 1 and best[opt]["lr"] in (min(grid), max(grid)):
+            print(f"note: {opt}'s best lr {best[opt]['lr']:g} is at the edge of its grid {sorted(grid)}")
+    plot_losses(os.path.join(args.out, "loss.png"), best_runs, target,
+                f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"results: {os.path.join(args.out, 'results.json')}")

@@ -30,9 +30,12 @@ Read this file top to bottom:
    Linear conjugate gradient on the quadratic averaged over the micro-batches
    is the classic alternative (Hessian-free optimization, Martens 2010).
 
-4. The line search on the direction d the inner loop found: the paper's grid
-   of step sizes evaluated on fresh micro-batches, or Armijo backtracking.
-   A step that does not lower the loss is rejected (η = 0).
+4. The line search on the direction d the inner loop found, on fresh
+   micro-batches. One forward pass with tangent d gives the slope gᵀd and the
+   curvature dᵀGd of the full GN model along d, hence its minimizer
+   η* = -gᵀd / dᵀGd, which one more forward pass verifies (Armijo, halving
+   if needed); or the paper's grid of step sizes, or Armijo backtracking
+   from 1. A step that does not lower the loss is rejected (η = 0).
 
 5. Layerwise GN splits the parameters into blocks (embedding, each
    transformer block, head) and gives each block its own quadratic, built
@@ -226,6 +229,9 @@ def cosine_factor(k, n):
 # 4. Line search along the direction d.
 # ---------------------------------------------------------------------------
 
+LINE_SEARCHES = ("model", "grid", "backtracking", "none")
+
+
 def step_size_grid(smallest):
     """The paper's grid {1, 2^-1/2, ..., 2^-2}, then whole powers of 2 down to `smallest`.
 
@@ -260,11 +266,27 @@ def loss_at(model, params, d, eta, ls_batches, H):
     return all_reduce_mean([total / len(ls_batches)])[0].item()
 
 
+def model_step_size(slope, curvature, smallest, largest=1.0):
+    """η* = -gᵀd / dᵀGd, the minimizer of the GN model along d, clipped to [smallest, largest].
+
+    The model is the full network's, so for layerwise directions its curvature
+    includes the cross-block terms the block solves ignored: η* undoes their
+    overshoot. A direction that does not descend (gᵀd ≥ 0) gets η = 0.
+    """
+    if slope >= 0:
+        return 0.0
+    if curvature <= 0:
+        return largest
+    return min(max(-slope / curvature, smallest), largest)
+
+
 def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4):
     """Choose η for θ0 + η d. η = 0 (reject) when no candidate lowers the loss.
 
+    model: η* of `model_step_size`, then halved until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd
+        (Armijo): usually one forward pass over the line-search batches.
     grid: the lowest loss over `step_size_grid(smallest)` and η = 0.
-    backtracking: halve η from 1 until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd (Armijo).
+    backtracking: halve η from 1 until the Armijo condition holds.
     none: η = 1, unless the loss there is not finite.
     Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
     """
@@ -281,15 +303,15 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
             if math.isfinite(loss) and loss < best_loss:
                 best_eta, best_loss = eta, loss
         return best_eta, loss0, best_loss, slope, curvature
-    if method == "backtracking":
-        eta = 1.0
+    if method in ("model", "backtracking"):
+        eta = model_step_size(slope, curvature, smallest) if method == "model" else 1.0
         while slope < 0 and eta >= smallest:
             loss = loss_at(model, params, d, eta, ls_batches, H)
             if math.isfinite(loss) and loss <= loss0 + armijo_c * eta * slope:
                 return eta, loss0, loss, slope, curvature
             eta /= 2
         return 0.0, loss0, loss0, slope, curvature
-    raise ValueError(f"unknown line search {method!r}: choose grid, backtracking or none")
+    raise ValueError(f"unknown line search {method!r}: choose one of {', '.join(LINE_SEARCHES)}")
 
 
 # ---------------------------------------------------------------------------
@@ -329,10 +351,13 @@ class GaussNewton(torch.optim.Optimizer):
     inner_schedule: "cosine" (restarted every outer step) or "constant".
     clip: max gradient norm of each block's inner gradient (None: no clip).
     prox_linear: minimize ℓ(z0 + JΔ) instead of its quadratic model.
-    line_search: "grid", "backtracking" or "none"; min_step_size: the
-        smallest step the grid or backtracking tries (layerwise blocks each
-        solve their own quadratic as if the others stood still, so their sum
-        overshoots: the step often has to be about 1/number of blocks).
+    line_search: "model", "grid", "backtracking" or "none"; default: "model"
+        for full GN (the full model's own step: it matched the grid's steps to
+        a loss at half the cost on tiny), "grid" for layerwise (there η*
+        chose about half the step the true loss preferred). min_step_size:
+        the smallest step tried (layerwise blocks each solve their own
+        quadratic as if the others stood still, so their sum overshoots: the
+        step often has to be about 1/number of blocks).
     damping: λ, adds λ/2‖Δ‖² to each quadratic.
     warm_start: keep the inner optimizers' state across outer steps.
     keep_iterate: also keep the inner iterate where the last inner loop ended
@@ -351,7 +376,7 @@ class GaussNewton(torch.optim.Optimizer):
 
     def __init__(self, model, mode="layerwise", loss="ce", inner="muon", inner_steps=None,
                  inner_lr=0.01, inner_schedule="cosine", weight_decay=0.0, clip=1.0,
-                 prox_linear=False, line_search="grid", min_step_size=None, damping=0.0,
+                 prox_linear=False, line_search=None, min_step_size=None, damping=0.0,
                  warm_start=True, keep_iterate=False, blocks=None, cg_tol=1e-10):
         if mode not in ("layerwise", "full"):
             raise ValueError(f"unknown mode {mode!r}: choose layerwise or full")
@@ -359,8 +384,10 @@ class GaussNewton(torch.optim.Optimizer):
             raise ValueError(f"unknown inner solver {inner!r}: choose one of {', '.join(INNER_SOLVERS)}")
         if inner == "cg" and prox_linear:
             raise ValueError("the cg inner solver needs the quadratic model: it cannot run prox_linear")
-        if line_search not in ("grid", "backtracking", "none"):
-            raise ValueError(f"unknown line search {line_search!r}: choose grid, backtracking or none")
+        if line_search is None:
+            line_search = "model" if mode == "full" else "grid"
+        if line_search not in LINE_SEARCHES:
+            raise ValueError(f"unknown line search {line_search!r}: choose one of {', '.join(LINE_SEARCHES)}")
         if inner_schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
         self.model, self.mode, self.loss, self.inner = model, mode, loss, inner

@@ -56,8 +56,8 @@ def test_table_gives_steps_relative_to_the_best_baseline():
     assert "| gn | 0.001 | 2 | 2.00x |" in text
 
 
-@pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--opts", "gn"],
-                                  ["--opts", "adamw", "--batch-sweep"]])
+@pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--preset", "smoke", "--opts", "gn"],
+                                  ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         compare.parse_args(argv)
@@ -84,10 +84,10 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
         assert keys <= set(summary)
     # the default target is the lowest final validation loss over the whole lr grid of the baselines
     finals = [s["final_val_loss"] for s in results["lr_sweeps"]["adamw"]]
-    assert len(finals) == len(compare.PRESETS["smoke"]["lrs"]["adamw"])
+    assert len(finals) >= len(compare.PRESETS["smoke"]["lrs"]["adamw"])
     assert results["target_loss"] == min(finals)
     assert results["runs"]["adamw"]["final_val_loss"] == min(finals)
-    assert results["runs"]["adamw"]["steps_to_target"] <= compare.PRESETS["smoke"]["baseline_steps"]
+    assert results["runs"]["adamw"]["steps_to_target"] <= compare.PRESETS["smoke"]["budget"][2]
     # GN's steps to target agree with its own metrics: every earlier step was above the target
     gn = results["runs"]["gn"]
     records = compare.read_metrics(out / "runs" / f"gn-mb2-lr{gn['lr']:g}")
@@ -99,4 +99,5 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
     assert "| optimizer | lr | steps to target |" in capsys.readouterr().out
     # the same command again reuses every finished run and measures the same
     assert compare.main(["--preset", "smoke", "--out", str(out)]) == results
-    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    n_runs = sum(len(sweep) for sweep in results["lr_sweeps"].values())
+    assert capsys.readouterr().out.count("reusing the finished run") == n_runs

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from baselines import DEFAULT_LR, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
-from gn import INNER_SOLVERS, GaussNewton, all_reduce_mean
+from gn import INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean
 from model import GPT, PRESETS
 
 MAX_FAILURES = 5  # non-finite steps in a row before a run gives up
@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=positive(int), default=8, help="validation micro-batches per evaluation")
     p.add_argument("--target-loss", type=float, default=None,
                    help="stop when the validation loss reaches this value and report the step")
+    p.add_argument("--stop-at-step", type=positive(int), default=None,
+                   help="end the run after this step although the schedule spans --steps (compare.py stops "
+                        "a learning rate there once another reached the target sooner)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model and the batches")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype")
@@ -93,8 +96,10 @@ def parse_args(argv=None):
     gn.add_argument("--inner-steps", type=positive(int), default=None,
                     help="inner steps per outer step (default: one per micro-batch)")
     gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
-                    help="fresh micro-batches for the line search (default: as many as --micro-batches)")
-    gn.add_argument("--line-search", default="grid", choices=["grid", "backtracking", "none"], help="step-size rule")
+                    help="fresh micro-batches for the line search (default: a quarter of --micro-batches)")
+    gn.add_argument("--line-search", default=None, choices=LINE_SEARCHES,
+                    help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
+                         "backtracking, none (default: model for full GN, grid for layerwise)")
     gn.add_argument("--min-step-size", type=positive(float), default=None,
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
@@ -118,22 +123,25 @@ def parse_args(argv=None):
     if args.lr is None and not is_gn:
         args.lr = DEFAULT_LR[args.opt]
     if args.inner_lr is None and is_gn:
-        args.inner_lr = GN_INNER_LR[args.inner]
+        args.inner_lr = GN_INNER_LR.get((GN_VARIANTS[args.opt][0], args.inner), GN_INNER_LR.get(args.inner))
     if args.ls_micro_batches is None:
-        args.ls_micro_batches = args.micro_batches
+        args.ls_micro_batches = max(1, args.micro_batches // 4)
     if not 0 <= args.ema < 1:
         p.error(f"--ema must lie in [0, 1), got {args.ema}")
+    if args.stop_at_step is not None and args.stop_at_step > args.steps:
+        p.error(f"--stop-at-step {args.stop_at_step} lies beyond --steps {args.steps}")
     if args.warmup < 0 or args.warmup >= args.steps:
         p.error(f"--warmup must lie in [0, steps), got {args.warmup}")
     return args
 
 
-# Peak inner learning rates for the tiny preset. Validation loss after 20
-# outer steps of 8 x 16 x 64 tokens (one seed): full GN with inner Muon 0.02 →
-# 2.41, 0.04 → 2.43, inner AdamW 3e-3 → 2.82; layerwise Muon 0.01 → 2.54,
-# 0.02 → 2.51, 0.03 → 2.45, 0.04 → 2.41 (2.37 with --line-search
-# backtracking), AdamW 3e-3 → 3.09. The paper used Muon 0.01 at 45M.
-GN_INNER_LR = {"adamw": 3e-3, "muon": 0.04, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
+# Peak inner learning rates for the tiny preset, by inner solver, and by
+# (mode, solver) where full and layerwise GN differ. Inner Muon: the best of
+# compare.py's sweeps (README Results) at 64K tokens per step; full GN steps
+# along one direction for the whole network, layerwise along the sum of block
+# solves that the line search scales down. The paper used Muon 0.01 at 45M.
+GN_INNER_LR = {("full", "muon"): 0.01, ("layerwise", "muon"): 0.04,
+               "adamw": 3e-3, "muon": 0.04, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
 
 
 def lr_factor(step, steps, warmup):
@@ -361,7 +369,7 @@ def main(argv=None):
         if args.target_loss is not None and progress["val_loss"] <= args.target_loss:
             reached_step = step
             break
-        if interrupted:
+        if interrupted or step == args.stop_at_step:
             break
         if args.ckpt_every and step % args.ckpt_every == 0:
             save_checkpoint()
