@@ -57,8 +57,8 @@ CPU = dict(
     micro_batches=64, batch_sweep=[4, 16, 64, 256], budget={4: 160, 16: 80, 64: 40, 256: 40},
     # The baselines' grids are train.py's tuned defaults times 0.5, 1 and 2.
     lrs={"adamw": [1.5e-3, 3e-3, 6e-3], "muon": [0.03, 0.06, 0.12], "soap": [4.5e-3, 9e-3, 1.8e-2],
-         "shampoo": [1.5e-3, 3e-3, 6e-3], "gn": [0.005, 0.01, 0.02], "gn_layerwise": [0.02, 0.04, 0.08],
-         "gn_prox": [0.005, 0.01, 0.02], "gn_layerwise_prox": [0.02, 0.04, 0.08]},
+         "shampoo": [1.5e-3, 3e-3, 6e-3], "gn": [0.005, 0.01, 0.02], "gn_layerwise": [0.005, 0.01, 0.02],
+         "gn_prox": [0.005, 0.01, 0.02], "gn_layerwise_prox": [0.005, 0.01, 0.02]},
     opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"],
     sweep_opts=["adamw", "muon", "soap", "gn", "gn_layerwise"], seed_opts=["muon", "gn"],
     train_args=[], gn_args=[])

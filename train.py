@@ -97,9 +97,9 @@ def parse_args(argv=None):
                     help="inner steps per outer step (default: one per micro-batch)")
     gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
                     help="fresh micro-batches for the line search (default: a quarter of --micro-batches)")
-    gn.add_argument("--line-search", default=None, choices=LINE_SEARCHES,
+    gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
                     help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
-                         "backtracking, none (default: model for full GN, grid for layerwise)")
+                         "backtracking, none")
     gn.add_argument("--min-step-size", type=positive(float), default=None,
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
@@ -123,7 +123,7 @@ def parse_args(argv=None):
     if args.lr is None and not is_gn:
         args.lr = DEFAULT_LR[args.opt]
     if args.inner_lr is None and is_gn:
-        args.inner_lr = GN_INNER_LR.get((GN_VARIANTS[args.opt][0], args.inner), GN_INNER_LR.get(args.inner))
+        args.inner_lr = GN_INNER_LR[args.inner]
     if args.ls_micro_batches is None:
         args.ls_micro_batches = max(1, args.micro_batches // 4)
     if not 0 <= args.ema < 1:
@@ -135,13 +135,11 @@ def parse_args(argv=None):
     return args
 
 
-# Peak inner learning rates for the tiny preset, by inner solver, and by
-# (mode, solver) where full and layerwise GN differ. Inner Muon: the best of
-# compare.py's sweeps (README Results) at 64K tokens per step; full GN steps
-# along one direction for the whole network, layerwise along the sum of block
-# solves that the line search scales down. The paper used Muon 0.01 at 45M.
-GN_INNER_LR = {("full", "muon"): 0.01, ("layerwise", "muon"): 0.04,
-               "adamw": 3e-3, "muon": 0.04, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
+# Peak inner learning rates for the tiny preset, by inner solver. Inner Muon:
+# 0.01 for full and layerwise GN, the best of compare.py's sweeps (README
+# Results); at 256 micro-batches layerwise with 0.04 overshot so far that every
+# step was cut to 1/32. The paper used Muon 0.01 at 45M.
+GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
 
 
 def lr_factor(step, steps, warmup):
