@@ -358,7 +358,7 @@ def fit_critical_batch(batches, steps):
     (a, b), *_ = np.linalg.lstsq(design, S * w, rcond=None)
     if b <= 1e-9 * a:  # no gain from a bigger batch: constant steps
         a, b = float(np.sum(w * w * S) / np.sum(w * w)), 0.0
-    if a <= 0:  # pure 1/B: perfect scaling, S_min = 0
+    if a <= 1e-9 * S.max():  # pure 1/B: perfect scaling, S_min = 0
         x = w / B
         a, b = 0.0, float(np.sum(x * S * w) / np.sum(x * x))
     return float(a), (float(b / a) if a > 0 else None)

@@ -170,6 +170,37 @@ def test_shampoo_direction_and_adam_grafted_norm(one_sided):
         assert (step - adam).norm() > 0.1 * adam.norm()
 
 
+def test_shampoo_takes_adam_steps_until_its_first_roots_then_refreshes_them_on_schedule():
+    """start_preconditioning_step defaults to update_freq (3 here): steps 1 and 2 are Adam's
+    G / (√v̂ + eps) while the factors accumulate; step 3 takes its roots from all three
+    gradients, steps 4 and 5 keep them, step 6 takes new ones."""
+    beta2, eps, eps_root = 0.95, 1e-8, 1e-6
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    opt = Shampoo([W], lr=1.0, betas=(0.0, beta2), eps=eps, update_freq=3, eps_root=eps_root)
+
+    def inverse_root(M):
+        lam, Q = torch.linalg.eigh(M)
+        return Q @ torch.diag((lam + eps_root * lam.max()) ** -0.25) @ Q.T
+
+    L, R, V = torch.zeros(4, 4, dtype=W.dtype), torch.zeros(6, 6, dtype=W.dtype), torch.zeros_like(W)
+    for t in range(1, 7):
+        G = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+        W.grad = G.clone()
+        before = W.clone()
+        opt.step()
+        step = before - W
+        L, R, V = L + G @ G.T, R + G.T @ G, beta2 * V + (1 - beta2) * G**2
+        adam = G / ((V / (1 - beta2**t)).sqrt() + eps)
+        if t in (3, 6):
+            roots = inverse_root(L), inverse_root(R)
+        if t < 3:
+            torch.testing.assert_close(step, adam, rtol=1e-10, atol=1e-12)
+        else:
+            direction = roots[0] @ G @ roots[1]
+            torch.testing.assert_close(step, direction * adam.norm() / direction.norm(), rtol=1e-9, atol=1e-11)
+
+
 # --- Muon ------------------------------------------------------------------------
 
 

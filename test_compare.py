@@ -56,6 +56,60 @@ def test_table_gives_steps_relative_to_the_best_baseline():
     assert "| gn | 0.001 | 2 | 2.00x |" in text
 
 
+def test_fit_recovers_the_critical_batch_of_a_known_curve():
+    batches = [4096, 16384, 65536, 262144]
+    for s_min, b_noise in [(20.0, 8192.0), (5.0, 300000.0), (12.0, 1000.0)]:
+        steps = [s_min * (1 + b_noise / b) for b in batches]
+        fit_s_min, fit_b_noise = compare.fit_critical_batch(batches, steps)
+        assert fit_s_min == pytest.approx(s_min, rel=1e-9) and fit_b_noise == pytest.approx(b_noise, rel=1e-9)
+    # noise of a few percent moves the estimates by about as much
+    noisy = [s * f for s, f in zip([20.0 * (1 + 8192 / b) for b in batches], [1.03, 0.97, 1.02, 0.98])]
+    fit_s_min, fit_b_noise = compare.fit_critical_batch(batches, noisy)
+    assert fit_s_min == pytest.approx(20.0, rel=0.1) and fit_b_noise == pytest.approx(8192, rel=0.3)
+
+
+def test_fit_edge_cases_flat_and_perfect_scaling():
+    batches = [1000, 4000, 16000]
+    assert compare.fit_critical_batch(batches, [30, 30, 30]) == pytest.approx((30.0, 0.0))
+    s_min, b_noise = compare.fit_critical_batch(batches, [40, 10, 2.5])  # steps ∝ 1/B: never saturates
+    assert s_min == 0 and b_noise is None
+    assert compare.fit_critical_batch(batches, [10, 20, 40])[1] == 0  # bigger batches did worse: no gain
+    with pytest.raises(ValueError, match="two or more"):
+        compare.fit_critical_batch([1000], [5])
+
+
+def test_every_optimizer_gets_the_same_step_budget_at_a_batch():
+    args = compare.parse_args(["--preset", "cpu"])
+    for mb, budget in compare.PRESETS["cpu"]["budget"].items():
+        caps = set()
+        for opt in ["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"]:
+            argv = compare.train_argv(args, "dir", opt, 0.01, mb, seed=0, target_loss=2.35)
+            caps.add(int(argv[argv.index("--steps") + 1]))
+            assert "--stop-at-step" not in argv
+        assert caps == {budget}
+    assert set(compare.PRESETS["cpu"]["budget"]) == set(compare.PRESETS["cpu"]["batch_sweep"])
+    # a learning rate that runs after another one reached the target stops there, with the same schedule
+    argv = compare.train_argv(args, "dir", "gn", 0.01, 64, seed=0, target_loss=2.35, stop_at=9)
+    assert argv[argv.index("--stop-at-step") + 1] == "9" and argv[argv.index("--steps") + 1] == "40"
+
+
+def test_sweep_stops_later_lrs_at_the_best_step_and_extends_a_grid_at_its_edge(tmp_path, monkeypatch):
+    """A fake train_run: lr 0.04 reaches the target at step 5, every other lr later. The grid
+    [0.01, 0.02, 0.04] runs 0.02 first, then 0.01 and 0.04; 0.04 wins at the edge, so 0.08 runs too."""
+    calls = []
+
+    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+        calls.append((lr, stop_at))
+        reach = {0.04: 5}.get(lr, 8)
+        steps = min(stop_at or 40, reach)
+        return run_of([3.0] * (steps - 1) + [2.0 if steps == reach else 3.0], lr=lr)
+    monkeypatch.setattr(compare, "train_run", fake_run)
+    args = compare.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
+    runs = compare.sweep(args, "gn", 64, 2.5, grid=(0.01, 0.02, 0.04))
+    assert calls == [(0.02, None), (0.01, 8), (0.04, 8), (0.08, 5)]
+    assert compare.best_of([compare.summarize(r, 2.5) for r in runs])["lr"] == 0.04
+
+
 @pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--preset", "smoke", "--opts", "gn"],
                                   ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"]])
 def test_bad_arguments_exit_2(argv, capsys):

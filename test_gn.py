@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gn import GaussNewton, gn_matvec, model_gradient, step_size_grid
+from gn import (CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
+                model_gradient, model_step_size, step_size_grid)
 from model import (GPT, GPTConfig, PRESETS, CausalAttentionFunction, LinearFunction, RMSNormFunction,
                    RotaryFunction, SwiGLUFunction, rotary_tables)
 
@@ -436,10 +437,84 @@ def test_line_search_grid_contains_the_papers_points():
     assert step_size_grid(0.5) == [1, 2 ** -0.5, 0.5]
 
 
+def linear_problem(loss, seed):
+    """A linear model, a batch for `loss` and a random direction d."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = (torch.randn(40, 3, generator=g, dtype=torch.float64) if loss == "mse"
+         else torch.randint(0, 3, (40,), generator=g))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    d = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    return model, params, d, [(x, y)]
+
+
+def loss_along(model, params, d, batch, loss, eta):
+    x, y = batch
+    z = functional_call(model, {k: params[k] + eta * d[k] for k in params}, (x,))
+    return F.mse_loss(z, y) if loss == "mse" else F.cross_entropy(z, y)
+
+
+def test_model_step_is_the_exact_minimizer_along_d_on_least_squares():
+    """For a linear model and squared error GN is exact: the loss along d is a parabola,
+    which three evaluations determine; η* = -gᵀd / dᵀGd must be its vertex."""
+    model, params, d, batches = linear_problem("mse", seed=7)
+    if directional_model(model, params, d, batches, MeanSquaredError)[1] > 0:
+        d = {k: -v for k, v in d.items()}  # make d a descent direction
+    f = [loss_along(model, params, d, batches[0], "mse", eta).item() for eta in (0.0, 1.0, 2.0)]
+    a, b = (f[2] - 2 * f[1] + f[0]) / 2, (4 * f[1] - 3 * f[0] - f[2]) / 2  # f(η) = f0 + bη + aη²
+    loss0, slope, curvature = directional_model(model, params, d, batches, MeanSquaredError)
+    assert loss0 == pytest.approx(f[0], rel=1e-12)
+    assert slope == pytest.approx(b, rel=1e-9) and curvature == pytest.approx(2 * a, rel=1e-9)
+    assert model_step_size(slope, curvature, largest=float("inf")) == pytest.approx(-b / (2 * a), rel=1e-9)
+    # the model rule takes that step when it is at most 1 (scale d so that it is), after one loss evaluation
+    scale = 2 * model_step_size(slope, curvature, largest=float("inf"))
+    d = {k: v * scale for k, v in d.items()}
+    eta, _, loss1, _, _ = line_search(model, params, d, batches, MeanSquaredError, "model", 0.25)
+    assert eta == pytest.approx(0.5, rel=1e-9)
+    assert loss1 == pytest.approx(f[0] - b ** 2 / (4 * a), rel=1e-9)  # the parabola's minimum
+
+
+def test_model_step_minimizes_the_gn_quadratic_built_from_explicit_jacobians():
+    """Cross-entropy on a linear model: slope = ∇ℓᵀJd from autograd, curvature = (Jd)ᵀ H (Jd)
+    with H the Hessian of the loss in the logits from torch.autograd.functional.hessian."""
+    model, params, d, batches = linear_problem("ce", seed=8)
+    x, y = batches[0]
+    z0 = functional_call(model, params, (x,))
+    jd = functional_call(model, d, (x,)) - functional_call(model, {k: 0 * v for k, v in d.items()}, (x,))
+    H = torch.autograd.functional.hessian(lambda z: F.cross_entropy(z, y), z0).reshape(z0.numel(), -1)
+    curvature = (jd.reshape(-1) @ H @ jd.reshape(-1)).item()
+    eta = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    slope = torch.autograd.grad(loss_along(model, params, d, batches[0], "ce", eta), eta)[0].item()
+    loss0, got_slope, got_curvature = directional_model(model, params, d, batches, CrossEntropy)
+    assert got_slope == pytest.approx(slope, rel=1e-9) and got_curvature == pytest.approx(curvature, rel=1e-9)
+    expected = -slope / curvature if slope < 0 else 0.0
+    assert model_step_size(got_slope, got_curvature, largest=float("inf")) == pytest.approx(expected, rel=1e-9)
+    assert model_step_size(-1.0, 4.0) == 0.25 and model_step_size(-1.0, 0.1) == 1.0  # clipped at largest
+    assert model_step_size(0.5, 4.0) == 0.0 and model_step_size(-1.0, 0.0) == 1.0
+
+
+def test_line_search_reaches_below_its_floor_when_the_model_step_lies_there():
+    """A direction 100 times too long: η* ≈ 1/100 is below the floor 1/4, and every rule still finds a
+    step that lowers the loss instead of rejecting the direction."""
+    model, params, d, batches = linear_problem("mse", seed=9)
+    if directional_model(model, params, d, batches, MeanSquaredError)[1] > 0:
+        d = {k: -v for k, v in d.items()}
+    _, slope, curvature = directional_model(model, params, d, batches, MeanSquaredError)
+    d = {k: v * 100 * model_step_size(slope, curvature, largest=float("inf")) for k, v in d.items()}
+    for method in ("model", "grid", "backtracking"):
+        eta, loss0, loss1, _, _ = line_search(model, params, d, batches, MeanSquaredError, method, 0.25)
+        assert 0 < eta < 0.25 and loss1 < loss0, method
+    eta = line_search(model, params, d, batches, MeanSquaredError, "model", 0.25)[0]
+    assert eta == pytest.approx(0.01, rel=1e-9)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = tiny_transformer()
     with pytest.raises(ValueError, match="mode"):
         GaussNewton(model, mode="diagonal")
+    with pytest.raises(ValueError, match="model, grid, backtracking, none"):
+        GaussNewton(model, line_search="wolfe")
     with pytest.raises(ValueError, match="inner"):
         GaussNewton(model, inner="sgd")
     with pytest.raises(ValueError, match="exactly once"):

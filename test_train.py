@@ -69,11 +69,24 @@ def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
     (["--resume"], "--out"),
     (["--opt", "gn", "--lr", "0.1"], "--inner-lr"),
     (["--opt", "muon", "--inner-lr", "0.1"], "--lr"),
+    (["--steps", "3", "--stop-at-step", "4"], "--stop-at-step"),
+    (["--opt", "gn", "--line-search", "wolfe"], "invalid choice"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(args, message):
     result = run_train(*args, "--steps", "1") if "--steps" not in args else run_train(*args)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_stop_at_step_ends_the_run_on_the_full_schedule(tmp_path):
+    """compare.py stops a learning rate early without changing its schedule: the steps it
+    ran are those of the whole run, learning rates included."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert run_train("--opt", "muon", *SMALL_RUN, "--out", str(whole)).returncode == 0
+    result = run_train("--opt", "muon", *SMALL_RUN, "--stop-at-step", "2", "--out", str(stopped))
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(stopped) == [{**r, "time_s": s["time_s"]}
+                                     for r, s in zip(read_metrics(whole)[:2], read_metrics(stopped))]
 
 
 def test_empty_and_too_short_data_are_rejected(tmp_path):
