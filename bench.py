@@ -17,6 +17,14 @@ and the peak memory of each (see `peak_memory`). The inner optimizer's own
 update is left out of every GN time, as the optimizer step is left out of
 the training step. The cost model in /work/shared/DESIGN.md puts the floor of
 a full-GN inner step near 5/3 of a training step.
+
+    python bench.py --preset tiny --outer [--json FILE]
+
+times whole outer steps instead, interleaved, on the same K micro-batches of
+the embedded corpus (K = 32 on tiny): a first-order one (Muon: gradients accumulated over the K
+micro-batches, clipping, the optimizer step), a full-GN and a layerwise-GN one
+(K inner steps with inner Muon, then the line search on K/4 fresh
+micro-batches, train.py's default), and the line search inside the full-GN step.
 """
 import argparse
 import json
@@ -30,8 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from baselines import make_optimizer
+from data import MicroBatches, load_dataset
 from gn import GaussNewton
 from model import GPT, PRESETS
+from train import first_order_step
 
 # model preset, sequences per micro-batch, sequence length, timed repeats, CPU threads.
 # tiny's matmuls are too small to gain from a second thread, and when another
@@ -43,6 +54,8 @@ BENCH_PRESETS = {
     "150m": ("150m", 8, 1024, 10, None),   # GPU
 }
 KINDS = ("train", "gn", "layerwise", "naive", "pruned")
+OUTER_MICRO_BATCHES = {"tiny": 32, "small": 16, "45m": 32, "150m": 32}
+OUTER_REPEATS = {"tiny": 5, "small": 3, "45m": 5, "150m": 5}
 
 
 def setup(preset, device, dtype, seed=0):
@@ -95,6 +108,66 @@ def setup(preset, device, dtype, seed=0):
     fns = {"train": train, "gn": gn_inner(full), "layerwise": gn_inner(layerwise),
            "naive": gn_inner(PaperLayerwise()), "pruned": gn_inner(pruned)}
     return model, fns, len(layerwise.blocks)
+
+
+def outer_steps(preset, device, dtype, k, seed=0):
+    """Functions that each take one whole outer step on the same k micro-batches from the same weights.
+
+    Each restores the weights first, so every timed step starts where the first
+    did. Returns the functions and the line-search times of the full-GN steps.
+    """
+    name, batch, seq, *_ = BENCH_PRESETS[preset]
+    torch.manual_seed(seed)
+    model = GPT(PRESETS[name]).to(device=device, dtype=dtype)
+    # Real text (the embedded byte corpus), so that the line search sees a real GN direction.
+    stream = MicroBatches(load_dataset(None).train, batch, seq, seed=seed, device=device)
+    batches, ls_batches = stream.draw(k), stream.draw(max(1, k // 4))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    muon = make_optimizer("muon", list(model.named_parameters()), lr=0.02)
+    full = GaussNewton(model, mode="full", inner_lr=0.01)
+    layerwise = GaussNewton(model, mode="layerwise", inner_lr=0.01)
+    line_search_s = []
+
+    def restore():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+
+    def first_order():
+        restore()
+        first_order_step(model, muon, batches, grad_clip=1.0)
+
+    def gn(opt):
+        def run():
+            restore()
+            stats = opt.step(batches, ls_batches)
+            if opt is full:
+                line_search_s.append(stats["line_search_s"])
+        return run
+
+    return {"first_order": first_order, "gn": gn(full), "gn_layerwise": gn(layerwise)}, line_search_s
+
+
+def bench_outer(args, device, dtype):
+    k, repeats = OUTER_MICRO_BATCHES[args.preset], args.repeats or OUTER_REPEATS[args.preset]
+    fns, line_search_s = outer_steps(args.preset, device, dtype, k)
+    times = time_all(fns, device, repeats)
+    line_search = statistics.median(line_search_s[1:])  # [0] is the warm-up's
+    print(f"preset {args.preset}: outer steps on {k} micro-batches (line search on {max(1, k // 4)}), "
+          f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, median of {repeats}")
+    print(f"{'':14} {'time s':>8} {'x first-order':>14}")
+    for name, t in [*times.items(), ("line_search", line_search)]:
+        print(f"{name:14} {t:8.2f} {t / times['first_order']:14.2f}")
+    ratios = {"gn / first-order (target <= 2.0)": times["gn"] / times["first_order"],
+              "line search / first-order (target <= 0.15)": line_search / times["first_order"],
+              "gn_layerwise / first-order (no target)": times["gn_layerwise"] / times["first_order"]}
+    for name, v in ratios.items():
+        verdict = "" if "<=" not in name else "met" if v <= float(name.split("<= ")[1][:-1]) else "NOT met"
+        print(f"{name:44} {v:6.2f}  {verdict}")
+    return {"outer_first_order_s": times["first_order"], "outer_gn_s": times["gn"],
+            "outer_gn_layerwise_s": times["gn_layerwise"], "outer_line_search_s": line_search,
+            "outer_micro_batches": k, "outer_line_search_micro_batches": max(1, k // 4), "repeats": repeats,
+            "preset": args.preset, "device": args.device, "dtype": args.dtype}
 
 
 def sync(device):
@@ -169,12 +242,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's, else torch's)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--outer", action="store_true", help="time whole outer steps (see above)")
     p.add_argument("--memory-of", choices=KINDS, help=argparse.SUPPRESS)  # internal: one peak-memory probe
     args = p.parse_args(argv)
     threads = args.threads or BENCH_PRESETS[args.preset][4]
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(args.device)
+    if args.outer:
+        results = bench_outer(args, device, getattr(torch, args.dtype))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
     _, fns, n_blocks = setup(args.preset, device, getattr(torch, args.dtype))
 
     if args.memory_of:

@@ -565,11 +565,13 @@ class GaussNewton(torch.optim.Optimizer):
             finite = inner_loop(batches, n_steps, stats)
             params = {n: p.detach() for n, p in self.named.items()}
             d = {n: self.iterate[n] - params[n] for n in params}
+            line_search_start = time.perf_counter()
             if finite:
                 eta, loss0, loss1, slope, curvature = line_search(
                     self.model, params, d, ls_batches, self.H, self.line_search, self.min_step_size)
             else:
                 eta, loss0, loss1, slope, curvature = 0.0, float("nan"), float("nan"), float("nan"), float("nan")
+            line_search_s = time.perf_counter() - line_search_start
         finally:
             for n, p in self.named.items():
                 p.requires_grad_(requires_grad[n])
@@ -602,6 +604,7 @@ class GaussNewton(torch.optim.Optimizer):
             "inner_grad_norm_first": stats["inner_grad_norm"][0] if stats["inner_grad_norm"] else 0.0,
             "inner_grad_norm_last": stats["inner_grad_norm"][-1] if stats["inner_grad_norm"] else 0.0,
             "time_s": time.perf_counter() - start,
+            "line_search_s": line_search_s,
         }
 
     def state_dict(self):
