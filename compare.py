@@ -1,7 +1,7 @@
 """Compare Gauss-Newton against tuned first-order baselines: steps to a target loss.
 
-    python compare.py                          # the headline: every optimizer at 64K tokens per step (~25 min)
-    python compare.py --batch-sweep            # steps to target from 4K to 256K tokens per step (~90 min)
+    python compare.py                          # the headline: every optimizer at 64K tokens per step (25 min)
+    python compare.py --batch-sweep            # Muon and GN from 4K to 256K tokens per step (65 min)
     python compare.py --preset 45m --data DIR  # the paper's 45M model on a GPU (C4, T5 tokens)
 
 GN's advantage lives at large batch: a first-order method stops needing fewer
