@@ -136,6 +136,12 @@ def test_soap_equals_adam_in_the_exact_eigenbasis():
 # --- Shampoo --------------------------------------------------------------------
 
 
+def reference_inverse_root(M, power, eps_root):
+    """M^power with eps_root·λ_max added to every eigenvalue, by eigh."""
+    lam, Q = torch.linalg.eigh(M)
+    return Q @ torch.diag((lam + eps_root * lam.max()) ** power) @ Q.T
+
+
 @pytest.mark.parametrize("one_sided", [False, True])
 def test_shampoo_direction_and_adam_grafted_norm(one_sided):
     """With beta1 = 0 (no momentum) every step is L^(-1/4) G R^(-1/4), computed
@@ -149,8 +155,7 @@ def test_shampoo_direction_and_adam_grafted_norm(one_sided):
     power = -0.5 if one_sided else -0.25
 
     def inverse_root(M):
-        lam, Q = torch.linalg.eigh(M)
-        return Q @ torch.diag((lam + eps_root * lam.max()) ** power) @ Q.T
+        return reference_inverse_root(M, power, eps_root)
 
     L, R, V = torch.zeros(4, 4, dtype=W.dtype), torch.zeros(6, 6, dtype=W.dtype), torch.zeros_like(W)
     for t in range(1, 5):
@@ -178,11 +183,6 @@ def test_shampoo_takes_adam_steps_until_its_first_roots_then_refreshes_them_on_s
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(4, 6, generator=gen, dtype=torch.float64)
     opt = Shampoo([W], lr=1.0, betas=(0.0, beta2), eps=eps, update_freq=3, eps_root=eps_root)
-
-    def inverse_root(M):
-        lam, Q = torch.linalg.eigh(M)
-        return Q @ torch.diag((lam + eps_root * lam.max()) ** -0.25) @ Q.T
-
     L, R, V = torch.zeros(4, 4, dtype=W.dtype), torch.zeros(6, 6, dtype=W.dtype), torch.zeros_like(W)
     for t in range(1, 7):
         G = torch.randn(4, 6, generator=gen, dtype=torch.float64)
@@ -193,7 +193,7 @@ def test_shampoo_takes_adam_steps_until_its_first_roots_then_refreshes_them_on_s
         L, R, V = L + G @ G.T, R + G.T @ G, beta2 * V + (1 - beta2) * G**2
         adam = G / ((V / (1 - beta2**t)).sqrt() + eps)
         if t in (3, 6):
-            roots = inverse_root(L), inverse_root(R)
+            roots = reference_inverse_root(L, -0.25, eps_root), reference_inverse_root(R, -0.25, eps_root)
         if t < 3:
             torch.testing.assert_close(step, adam, rtol=1e-10, atol=1e-12)
         else:
