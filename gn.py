@@ -286,9 +286,9 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     model: η* of `model_step_size`, then halved until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd
         (Armijo): usually one forward pass over the line-search batches.
     grid: the lowest loss over `step_size_grid(smallest)` and η = 0.
-    Every rule tries steps down to min(smallest, η*/2).
     backtracking: halve η from 1 until the Armijo condition holds.
     none: η = 1, unless the loss there is not finite.
+    Every rule tries steps down to min(smallest, η*/2).
     Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
     """
     loss0, slope, curvature = directional_model(model, params, d, ls_batches, H)
