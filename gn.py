@@ -36,6 +36,8 @@ Read this file top to bottom:
    η* = -gᵀd / dᵀGd, which one more forward pass verifies (Armijo, halving
    if needed); or the paper's grid of step sizes, or Armijo backtracking
    from 1. A step that does not lower the loss is rejected (η = 0).
+   With one tangent per block, the same pass gives the GN model over the
+   span of the layerwise block directions: one step size per block.
 
 5. Layerwise GN splits the parameters into blocks (embedding, each
    transformer block, head) and gives each block its own quadratic, built
@@ -53,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd import forward_ad
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
 from baselines import make_optimizer
 
@@ -242,20 +244,48 @@ def step_size_grid(smallest):
     return [eta for eta in paper if eta >= smallest] + [2.0 ** -k for k in range(3, 64) if 2.0 ** -k >= smallest]
 
 
-@torch.no_grad()
-def directional_model(model, params, d, ls_batches, H):
-    """Loss at θ0 and the GN model along d, averaged over the line-search batches.
+def forward_jvp(f, params, tangent):
+    """z = f(params) and J·tangent from one forward pass carrying the tangent; no graph."""
+    with torch.no_grad(), forward_ad.dual_level():
+        z, jt = forward_ad.unpack_dual(f({k: forward_ad.make_dual(p, tangent[k]) for k, p in params.items()}))
+    return z, jt
 
-    One forward pass with tangent d per batch gives ℓ(θ0), the slope gᵀd
-    (exactly the loss's directional derivative) and the curvature dᵀGd, so the
-    quadratic's prediction at any step size η is slope·η + ½·curvature·η².
+
+@torch.no_grad()
+def span_model(functions, params, directions, ls_batches, H):
+    """Loss at θ0 and the GN model over the span of directions d_1..d_n.
+
+    functions(x) gives one f_l per direction, mapping the parameters d_l
+    covers to the outputs on inputs x, every other parameter at θ0. Moving
+    by Σ c_l d_l changes the model by sᵀc + ½ cᵀMc with s_l = gᵀd_l (the
+    loss's exact directional derivative) and M_lm = (J d_l)ᵀ H_z (J d_m):
+    one forward pass with tangent d_l per direction and batch. Returns ℓ(θ0),
+    s and M averaged over the line-search batches, as float64 tensors.
     """
+    n = len(directions)
     totals = 0
     for x, y in ls_batches:
-        z, jd = jvp(lambda p: functional_call(model, p, (x,)), (params,), (d,))
-        totals = totals + torch.stack(H.quadratic(z, y, jd)[:3])
-    loss0, slope, curvature = all_reduce_mean([totals / len(ls_batches)])[0].tolist()
-    return loss0, slope, curvature
+        tangents = [forward_jvp(f, {k: params[k] for k in d}, d) for f, d in zip(functions(x), directions)]
+        z, us = tangents[0][0], [u for _, u in tangents]
+        diagonal = [torch.stack(H.quadratic(z, y, u)[:3]) for u in us]  # ℓ(θ0), s_l, M_ll
+        M = torch.diag(torch.stack([q[2] for q in diagonal]))
+        for m in range(1, n):  # the cross terms, from one Hessian-vector product per direction
+            hu = H.hvp(z, y, us[m])
+            for l in range(m):
+                M[l, m] = M[m, l] = (wide(us[l]) * wide(hu)).sum()
+        totals = totals + torch.cat([diagonal[0][:1], torch.stack([q[1] for q in diagonal]), M.reshape(-1)])
+    totals = all_reduce_mean([totals / len(ls_batches)])[0].double().cpu()
+    return totals[0].item(), totals[1:n + 1], totals[n + 1:].reshape(n, n)
+
+
+def directional_model(model, params, d, ls_batches, H):
+    """ℓ(θ0), the slope gᵀd and the curvature dᵀGd of the full GN model along d.
+
+    The span model of the single direction d: the quadratic's prediction at
+    any step size η is slope·η + ½·curvature·η².
+    """
+    loss0, s, M = span_model(lambda x: [lambda p: functional_call(model, p, (x,))], params, [d], ls_batches, H)
+    return loss0, s.item(), M.item()
 
 
 @torch.no_grad()
@@ -280,7 +310,30 @@ def model_step_size(slope, curvature, largest=1.0):
     return min(-slope / curvature, largest)
 
 
-def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4):
+def span_step_sizes(s, M, largest=1.0, rtol=1e-6, sweeps=100):
+    """The c in [0, largest]ⁿ that minimizes sᵀc + ½ cᵀMc: one step size per block direction.
+
+    Where the scalar η* scales every block's step alike, c shrinks the blocks
+    whose steps overlap in output space (large M_lm) more, and never reverses
+    or lengthens a block's own step. The start, -M⁺s clipped to the box, is
+    the answer when it lies inside; the pseudo-inverse drops the span's
+    directions of negligible curvature (eigenvalues below rtol·the largest),
+    along which two blocks' steps are interchangeable. Otherwise coordinate
+    descent, exact along each coordinate, converges to the constrained
+    minimizer (M is PSD).
+    """
+    c = (-torch.linalg.pinv(M, rtol=rtol, hermitian=True) @ s).clamp(0.0, largest)
+    for _ in range(sweeps):
+        previous = c.clone()
+        for l in range(len(c)):
+            if M[l, l] > 0:
+                c[l] = (c[l] - (s[l] + M[l] @ c) / M[l, l]).clamp(0.0, largest)
+        if torch.equal(c, previous):
+            break
+    return c
+
+
+def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4, model_along_d=None):
     """Choose η for θ0 + η d. η = 0 (reject) when no candidate lowers the loss.
 
     model: η* of `model_step_size`, then halved until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd
@@ -289,9 +342,10 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     backtracking: halve η from 1 until the Armijo condition holds.
     none: η = 1, unless the loss there is not finite.
     Every rule tries steps down to min(smallest, η*/2).
+    model_along_d: (ℓ(θ0), slope, curvature) when already known, as from a span model.
     Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
     """
-    loss0, slope, curvature = directional_model(model, params, d, ls_batches, H)
+    loss0, slope, curvature = model_along_d or directional_model(model, params, d, ls_batches, H)
     if not all(math.isfinite(v) for v in (loss0, slope, curvature)):
         return 0.0, loss0, loss0, slope, curvature
     # Reach below the floor when the model's own step lies there: a layerwise
@@ -325,6 +379,7 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
 # ---------------------------------------------------------------------------
 
 INNER_SOLVERS = ("muon", "adamw", "soap", "shampoo", "cg")
+COMBINES = ("sum", "span")
 
 
 def default_blocks(model):
@@ -370,6 +425,12 @@ class GaussNewton(torch.optim.Optimizer):
         (the paper's code does; it drifts whenever the line search picks η < 1,
         since θ then moved only ηd).
     blocks: lists of parameter names (layerwise mode). Default: `default_blocks`.
+    combine: how layerwise GN joins its block directions d_l before the line
+        search. "sum": d = Σ d_l, one step size for all. "span": d = Σ c_l d_l
+        with the coefficients c that minimize the full GN model over the span
+        of the d_l (`span_step_sizes`), which sees the cross-block curvature
+        the block solves ignored; it costs one forward pass with a tangent
+        per block on the line-search batches instead of one in all.
     weight_decay: the inner optimizer's, applied to the iterate θ0 + Δ (as the
         paper's inner loop decays the weights themselves).
 
@@ -383,7 +444,7 @@ class GaussNewton(torch.optim.Optimizer):
     def __init__(self, model, mode="layerwise", loss="ce", inner="muon", inner_steps=None,
                  inner_lr=0.01, inner_schedule="cosine", weight_decay=0.0, clip=1.0,
                  prox_linear=False, line_search="model", min_step_size=None, damping=0.0,
-                 warm_start=True, keep_iterate=False, blocks=None, cg_tol=1e-10):
+                 warm_start=True, keep_iterate=False, blocks=None, combine="sum", cg_tol=1e-10):
         if mode not in ("layerwise", "full"):
             raise ValueError(f"unknown mode {mode!r}: choose layerwise or full")
         if isinstance(inner, str) and inner not in INNER_SOLVERS:
@@ -392,6 +453,8 @@ class GaussNewton(torch.optim.Optimizer):
             raise ValueError("the cg inner solver needs the quadratic model: it cannot run prox_linear")
         if line_search not in LINE_SEARCHES:
             raise ValueError(f"unknown line search {line_search!r}: choose one of {', '.join(LINE_SEARCHES)}")
+        if combine not in COMBINES:
+            raise ValueError(f"unknown combine {combine!r}: choose one of {', '.join(COMBINES)}")
         if inner_schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
         self.model, self.mode, self.loss, self.inner = model, mode, loss, inner
@@ -400,7 +463,7 @@ class GaussNewton(torch.optim.Optimizer):
         super().__init__(list(self.named.values()), dict(lr=inner_lr))
         self.inner_steps, self.inner_schedule, self.weight_decay, self.clip = inner_steps, inner_schedule, weight_decay, clip
         self.prox_linear, self.line_search, self.damping, self.cg_tol = prox_linear, line_search, damping, cg_tol
-        self.warm_start, self.keep_iterate = warm_start, keep_iterate
+        self.warm_start, self.keep_iterate, self.combine = warm_start, keep_iterate, combine
 
         if mode == "full":
             blocks = [list(self.named)]
@@ -543,6 +606,23 @@ class GaussNewton(torch.optim.Optimizer):
 
     # -- the outer step -----------------------------------------------------
 
+    def _span_direction(self, params, d, ls_batches):
+        """Σ w_l d_l with the span's proportions w = c / max(c), w, and the GN model along that sum.
+
+        The line search then scales the sum as a whole (its η* is max(c) when
+        no coefficient was clipped), so with one block this is the scalar path.
+        """
+        directions = [{n: d[n] for n in block} for block in self.blocks]
+        loss0, s, M = span_model(self._block_functions, params, directions, ls_batches, self.H)
+        if not (torch.isfinite(s).all() and torch.isfinite(M).all()):  # the line search then rejects the step
+            return d, [1.0] * len(self.blocks), (loss0, float("nan"), float("nan"))
+        c = span_step_sizes(s, M)
+        if c.max() <= 0:  # no block descends: a zero slope makes the line search reject
+            return d, [1.0] * len(self.blocks), (loss0, 0.0, 0.0)
+        w = c / c.max()
+        combined = {n: w[l].item() * d[n] for l, block in enumerate(self.blocks) for n in block}
+        return combined, w.tolist(), (loss0, (s @ w).item(), (w @ M @ w).item())
+
     def step(self, batches, ls_batches=None):
         """One outer GN step. Returns a dict of statistics (see the keys below)."""
         start = time.perf_counter()
@@ -566,9 +646,13 @@ class GaussNewton(torch.optim.Optimizer):
             params = {n: p.detach() for n, p in self.named.items()}
             d = {n: self.iterate[n] - params[n] for n in params}
             line_search_start = time.perf_counter()
+            block_weights, model_along_d = [1.0] * len(self.blocks), None
+            if finite and self.combine == "span":
+                d, block_weights, model_along_d = self._span_direction(params, d, ls_batches)
             if finite:
                 eta, loss0, loss1, slope, curvature = line_search(
-                    self.model, params, d, ls_batches, self.H, self.line_search, self.min_step_size)
+                    self.model, params, d, ls_batches, self.H, self.line_search, self.min_step_size,
+                    model_along_d=model_along_d)
             else:
                 eta, loss0, loss1, slope, curvature = 0.0, float("nan"), float("nan"), float("nan"), float("nan")
             line_search_s = time.perf_counter() - line_search_start
@@ -603,6 +687,7 @@ class GaussNewton(torch.optim.Optimizer):
             "direction_norm": math.sqrt(dot(d, d).item()),
             "inner_grad_norm_first": stats["inner_grad_norm"][0] if stats["inner_grad_norm"] else 0.0,
             "inner_grad_norm_last": stats["inner_grad_norm"][-1] if stats["inner_grad_norm"] else 0.0,
+            "block_step_sizes": [eta * w for w in block_weights],
             "time_s": time.perf_counter() - start,
             "line_search_s": line_search_s,
         }

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from gn import (CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
-                model_gradient, model_step_size, step_size_grid)
+                model_gradient, model_step_size, span_model, span_step_sizes, step_size_grid)
 from model import (GPT, GPTConfig, PRESETS, CausalAttentionFunction, LinearFunction, RMSNormFunction,
                    RotaryFunction, SwiGLUFunction, rotary_tables)
 
@@ -332,10 +332,11 @@ def byte_batches(n, seed, batch=8, seq=8, vocab=11):
     return out
 
 
-@pytest.mark.parametrize("mode,inner", [("full", "adamw"), ("layerwise", "muon"), ("layerwise", "cg")])
-def test_gn_steps_lower_the_loss(mode, inner):
+@pytest.mark.parametrize("mode,inner,combine", [("full", "adamw", "sum"), ("layerwise", "muon", "sum"),
+                                                ("layerwise", "cg", "sum"), ("layerwise", "muon", "span")])
+def test_gn_steps_lower_the_loss(mode, inner, combine):
     model = tiny_transformer().float()
-    opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=1.0 if inner == "cg" else 0.01)
+    opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=1.0 if inner == "cg" else 0.01, combine=combine)
     first = last = None
     for step in range(4):
         stats = opt.step(byte_batches(4, seed=step), byte_batches(2, seed=100 + step))
@@ -509,12 +510,91 @@ def test_line_search_reaches_below_its_floor_when_the_model_step_lies_there():
     assert eta == pytest.approx(0.01, rel=1e-9)
 
 
+def test_span_model_equals_the_system_built_from_explicit_jacobians():
+    """s_l = gᵀ J d_l and M_lm = (J d_l)ᵀ H (J d_m) from the explicit Jacobian and loss Hessian of a tiny
+    GPT, through the layerwise optimizer's cached block inputs; c minimizes the model over the box."""
+    torch.manual_seed(3)
+    model = tiny_transformer()
+    (x, y), = byte_batches(1, seed=5)
+    f, params, flat, J, g, H, loss_of = explicit_pieces(model, x, y, "ce")
+    opt = GaussNewton(model, mode="layerwise", combine="span")
+    assert opt.cached_inputs
+    # Descent directions of very different lengths: the block solves' typical mismatch.
+    gradient = flat.dict(J.T @ g)
+    directions = [{n: -(4.0 ** l) * gradient[n] for n in block} for l, block in enumerate(opt.blocks)]
+    jd = [J @ flat.cat({n: directions[l].get(n, torch.zeros_like(p)) for n, p in params.items()})
+          for l in range(len(directions))]
+    s = torch.stack([g @ u for u in jd])
+    M = torch.stack([torch.stack([u @ H @ v for v in jd]) for u in jd])
+    loss0, got_s, got_M = span_model(opt._block_functions, params, directions, [(x, y)], CrossEntropy)
+    assert loss0 == pytest.approx(loss_of(f(params).reshape(-1)).item(), rel=1e-12)
+    torch.testing.assert_close(got_s, s, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(got_M, M, rtol=1e-9, atol=1e-14)
+    # c minimizes the model over the box [0, 1]ⁿ: the KKT conditions, from the explicit system
+    c = span_step_sizes(got_s, got_M)
+    residual = s + M @ c
+    inside = (c > 1e-9) & (c < 1 - 1e-9)
+    assert inside.any() and not inside.all()  # the case tests both kinds of coordinate
+    torch.testing.assert_close(residual[inside], torch.zeros_like(residual[inside]), rtol=0, atol=1e-9 * s.abs().max())
+    assert (residual[c <= 1e-9] >= 0).all() and (residual[c >= 1 - 1e-9] <= 0).all()
+
+
+def test_span_step_with_one_block_is_the_scalar_model_step():
+    batches, ls = byte_batches(3, seed=0), byte_batches(2, seed=1)
+    results = []
+    for combine in ("sum", "span"):
+        model = tiny_transformer()
+        stats = GaussNewton(model, mode="full", inner="adamw", inner_lr=0.3, min_step_size=1 / 16,
+                            combine=combine).step(batches, ls)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert 0 < stats["block_step_sizes"][0] < 1
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    _, slope, curvature = directional_model(model, {k: v.detach() for k, v in model.named_parameters()},
+                                            {k: torch.ones_like(v) for k, v in model.named_parameters()}, ls,
+                                            CrossEntropy)
+    c = span_step_sizes(torch.tensor([slope], dtype=torch.float64), torch.tensor([[curvature]], dtype=torch.float64))
+    assert c.item() == pytest.approx(model_step_size(slope, curvature), rel=1e-12)
+
+
+class TwoPathsAndOne(nn.Module):
+    """z = (A + B) x_1 + C x_2: blocks a and b each fit the whole x_1 part on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(3, 2, bias=False).double() for _ in range(3))
+
+    def forward(self, x):
+        return self.a(x[:, :3]) + self.b(x[:, :3]) + self.c(x[:, 3:])
+
+
+@pytest.mark.parametrize("combine", ["sum", "span"])
+def test_span_step_lands_on_least_squares_where_one_step_size_cannot(combine):
+    """Exact block solves (CG) of a least-squares problem in which blocks a and b duplicate each other:
+    summed, a and b overshoot twice while c is exact, so no single step size reaches the optimum; the
+    span's coefficients (½, ½, 1) do, in one step."""
+    torch.manual_seed(4)
+    model = TwoPathsAndOne()
+    # x_1 ⟂ x_2, so that block c's own solve is the optimum's C
+    x, y = torch.linalg.qr(torch.randn(50, 6, dtype=torch.float64))[0] * 5, torch.randn(50, 2, dtype=torch.float64)
+    optimum = F.mse_loss(x @ torch.linalg.lstsq(x, y).solution, y).item()
+    opt = GaussNewton(model, loss="mse", inner="cg", inner_steps=12, combine=combine, min_step_size=1e-3)
+    stats = opt.step([(x, y)])
+    loss = F.mse_loss(model(x), y).item()
+    if combine == "span":
+        assert loss == pytest.approx(optimum, rel=1e-9)
+        assert sorted(stats["block_step_sizes"]) == pytest.approx([0.5, 0.5, 1.0], rel=1e-6)
+    else:
+        assert loss > optimum * (1 + 1e-3)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = tiny_transformer()
     with pytest.raises(ValueError, match="mode"):
         GaussNewton(model, mode="diagonal")
     with pytest.raises(ValueError, match="model, grid, backtracking, none"):
         GaussNewton(model, line_search="wolfe")
+    with pytest.raises(ValueError, match="sum, span"):
+        GaussNewton(model, combine="blockwise")
     with pytest.raises(ValueError, match="inner"):
         GaussNewton(model, inner="sgd")
     with pytest.raises(ValueError, match="exactly once"):

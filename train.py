@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from baselines import DEFAULT_LR, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
-from gn import INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean
+from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean
 from model import GPT, PRESETS
 
 MAX_FAILURES = 5  # non-finite steps in a row before a run gives up
@@ -100,6 +100,9 @@ def parse_args(argv=None):
     gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
                     help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
                          "backtracking, none")
+    gn.add_argument("--combine", default="sum", choices=COMBINES,
+                    help="layerwise: one step size for the summed block directions (sum) or one per block "
+                         "from the full GN model over their span (span)")
     gn.add_argument("--min-step-size", type=positive(float), default=None,
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
@@ -195,7 +198,7 @@ def write_atomic(path, write):
 # Options that define the run: a resumed run must be given the same ones.
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay", "grad_clip",
                 "warmup", "eval_batches", "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches",
-                "line_search", "min_step_size", "damping", "no_warm_start", "ema")
+                "line_search", "combine", "min_step_size", "damping", "no_warm_start", "ema")
 
 
 def load_checkpoint(path, args, device):
@@ -254,7 +257,8 @@ def main(argv=None):
         mode, prox = GN_VARIANTS[args.opt]
         opt = GaussNewton(model, mode=mode, inner=args.inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                           weight_decay=args.weight_decay, prox_linear=prox, line_search=args.line_search,
-                          min_step_size=args.min_step_size, damping=args.damping, warm_start=not args.no_warm_start)
+                          min_step_size=args.min_step_size, damping=args.damping, warm_start=not args.no_warm_start,
+                          combine=args.combine)
         base_lr = args.inner_lr
     else:
         opt = make_optimizer(args.opt, list(model.named_parameters()), lr=args.lr, weight_decay=args.weight_decay)
@@ -338,7 +342,7 @@ def main(argv=None):
             progress["tokens"] += args.batch_size * args.seq_len * (len(batches) + len(ls_batches))
             loss = stats["loss_before"] if stats["finite"] else None
             record.update({k: stats[k] for k in ("step_size", "loss_after", "model_decrease", "predicted_decrease",
-                                                 "inner_grad_norm_last", "direction_norm")})
+                                                 "inner_grad_norm_last", "direction_norm", "block_step_sizes")})
         else:
             loss = first_order_step(model, opt, batches, args.grad_clip)
             progress["tokens"] += args.batch_size * args.seq_len * len(batches)
