@@ -112,6 +112,11 @@ class _Optimizer(torch.optim.Optimizer):
         skip the parameter this step. grad may alias p.grad: do not modify it."""
         raise NotImplementedError
 
+    def _directions(self, grads, states, group):
+        """The updates for a group's parameters: one `_direction` each, unless
+        a subclass treats them together."""
+        return [self._direction(grad, state, group) for grad, state in zip(grads, states)]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -120,11 +125,9 @@ class _Optimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.to(torch.promote_types(p.dtype, torch.float32))
-                update = self._direction(grad, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad.to(torch.promote_types(p.dtype, torch.float32)) for p in params]
+            for p, update in zip(params, self._directions(grads, [self.state[p] for p in params], group)):
                 if update is not None:
                     new_p = p.to(update.dtype) * (1 - lr * weight_decay) - lr * update.reshape(p.shape)
                     p.copy_(new_p)
@@ -201,16 +204,26 @@ class Muon(_Optimizer):
                                  "in a use_muon=False (AdamW) group, see split_muon_params")
         super().add_param_group(param_group)
 
-    def _direction(self, grad, state, group):
+    def _directions(self, grads, states, group):
         if not group["use_muon"]:
-            return adamw_direction(grad, state, group)
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
-        momentum, buf = group["momentum"], state["momentum_buffer"]
-        buf.lerp_(grad, 1 - momentum)
-        direction = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        rows, cols = grad.shape
-        return newton_schulz(direction, group["ns_steps"]) * max(1, rows / cols) ** 0.5
+            return [adamw_direction(grad, state, group) for grad, state in zip(grads, states)]
+        momenta = []
+        for grad, state in zip(grads, states):
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            buf = state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
+            momenta.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        # Same-shaped matrices (the layers of a transformer) share one batched
+        # Newton-Schulz: at small widths its cost is mostly per-call overhead.
+        by_shape = {}
+        for i, m in enumerate(momenta):
+            by_shape.setdefault((m.shape, m.dtype, m.device), []).append(i)
+        updates = [None] * len(momenta)
+        for (shape, _, _), indices in by_shape.items():
+            orthogonal = newton_schulz(torch.stack([momenta[i] for i in indices]), group["ns_steps"])
+            for i, update in zip(indices, orthogonal * max(1, shape[0] / shape[1]) ** 0.5):
+                updates[i] = update
+        return updates
 
 
 class SOAP(_Optimizer):

@@ -23,8 +23,9 @@ a full-GN inner step near 5/3 of a training step.
 times whole outer steps instead, interleaved, on the same K micro-batches of
 the embedded corpus (K = 32 on tiny): a first-order one (Muon: gradients accumulated over the K
 micro-batches, clipping, the optimizer step), a full-GN and a layerwise-GN one
-(K inner steps with inner Muon, then the line search on K/4 fresh
-micro-batches, train.py's default), and the line search inside the full-GN step.
+(K inner steps with inner Muon, then the line search on K/16 fresh
+micro-batches, train.py's default), a layerwise one with --combine span, and
+the line search inside the full-GN step.
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ from baselines import make_optimizer
 from data import MicroBatches, load_dataset
 from gn import GaussNewton
 from model import GPT, PRESETS
-from train import first_order_step
+from train import default_ls_micro_batches, first_order_step
 
 # model preset, sequences per micro-batch, sequence length, timed repeats, CPU threads.
 # tiny's matmuls are too small to gain from a second thread, and when another
@@ -121,11 +122,12 @@ def outer_steps(preset, device, dtype, k, seed=0):
     model = GPT(PRESETS[name]).to(device=device, dtype=dtype)
     # Real text (the embedded byte corpus), so that the line search sees a real GN direction.
     stream = MicroBatches(load_dataset(None).train, batch, seq, seed=seed, device=device)
-    batches, ls_batches = stream.draw(k), stream.draw(max(1, k // 4))
+    batches, ls_batches = stream.draw(k), stream.draw(default_ls_micro_batches(k))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     muon = make_optimizer("muon", list(model.named_parameters()), lr=0.02)
     full = GaussNewton(model, mode="full", inner_lr=0.01)
     layerwise = GaussNewton(model, mode="layerwise", inner_lr=0.01)
+    span = GaussNewton(model, mode="layerwise", inner_lr=0.01, combine="span")
     line_search_s = []
 
     def restore():
@@ -145,7 +147,8 @@ def outer_steps(preset, device, dtype, k, seed=0):
                 line_search_s.append(stats["line_search_s"])
         return run
 
-    return {"first_order": first_order, "gn": gn(full), "gn_layerwise": gn(layerwise)}, line_search_s
+    return {"first_order": first_order, "gn": gn(full), "gn_layerwise": gn(layerwise),
+            "gn_layerwise_span": gn(span)}, line_search_s
 
 
 def bench_outer(args, device, dtype):
@@ -153,20 +156,22 @@ def bench_outer(args, device, dtype):
     fns, line_search_s = outer_steps(args.preset, device, dtype, k)
     times = time_all(fns, device, repeats)
     line_search = statistics.median(line_search_s[1:])  # [0] is the warm-up's
-    print(f"preset {args.preset}: outer steps on {k} micro-batches (line search on {max(1, k // 4)}), "
+    print(f"preset {args.preset}: outer steps on {k} micro-batches (line search on {default_ls_micro_batches(k)}), "
           f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, median of {repeats}")
-    print(f"{'':14} {'time s':>8} {'x first-order':>14}")
+    print(f"{'':18} {'time s':>8} {'x first-order':>14}")
     for name, t in [*times.items(), ("line_search", line_search)]:
-        print(f"{name:14} {t:8.2f} {t / times['first_order']:14.2f}")
+        print(f"{name:18} {t:8.2f} {t / times['first_order']:14.2f}")
     ratios = {"gn / first-order (target <= 2.0)": times["gn"] / times["first_order"],
               "line search / first-order (target <= 0.15)": line_search / times["first_order"],
-              "gn_layerwise / first-order (no target)": times["gn_layerwise"] / times["first_order"]}
+              "gn_layerwise / first-order (no target)": times["gn_layerwise"] / times["first_order"],
+              "gn_layerwise_span / first-order (no target)": times["gn_layerwise_span"] / times["first_order"]}
     for name, v in ratios.items():
         verdict = "" if "<=" not in name else "met" if v <= float(name.split("<= ")[1][:-1]) else "NOT met"
         print(f"{name:44} {v:6.2f}  {verdict}")
     return {"outer_first_order_s": times["first_order"], "outer_gn_s": times["gn"],
-            "outer_gn_layerwise_s": times["gn_layerwise"], "outer_line_search_s": line_search,
-            "outer_micro_batches": k, "outer_line_search_micro_batches": max(1, k // 4), "repeats": repeats,
+            "outer_gn_layerwise_s": times["gn_layerwise"], "outer_gn_layerwise_span_s": times["gn_layerwise_span"],
+            "outer_line_search_s": line_search, "outer_micro_batches": k,
+            "outer_line_search_micro_batches": default_ls_micro_batches(k), "repeats": repeats,
             "preset": args.preset, "device": args.device, "dtype": args.dtype}
 
 

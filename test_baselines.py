@@ -205,25 +205,32 @@ def test_shampoo_takes_adam_steps_until_its_first_roots_then_refreshes_them_on_s
 
 
 def test_muon_steps_match_their_formulas():
-    """Muon group: Nesterov momentum, then newton_schulz (checked above), scaled
-    by max(1, rows/cols)^0.5, decoupled decay. AdamW group: torch.optim.AdamW."""
+    """Muon group: Nesterov momentum, then newton_schulz (checked above) one matrix at a time,
+    scaled by max(1, rows/cols)^0.5, decoupled decay; two of the matrices share a shape, so the
+    optimizer orthogonalizes them in one batch. AdamW group: torch.optim.AdamW."""
     lr, momentum, wd, adamw_lr, betas = 0.05, 0.9, 0.1, 0.01, (0.8, 0.9)
     gen = torch.Generator().manual_seed(0)
-    W, gain = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
-    opt = Muon([dict(params=[W]), dict(params=[gain], use_muon=False, lr=adamw_lr)],
+    shapes = [(8, 4), (4, 8), (8, 4)]
+    Ws = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    gain = torch.randn(4, generator=gen, dtype=torch.float64)
+    opt = Muon([dict(params=Ws), dict(params=[gain], use_muon=False, lr=adamw_lr)],
                lr=lr, momentum=momentum, weight_decay=wd, betas=betas, eps=1e-8)
-    W_ref, gain_ref = W.clone(), gain.clone().requires_grad_()
+    W_refs, gain_ref = [W.clone() for W in Ws], gain.clone().requires_grad_()
     adamw = torch.optim.AdamW([gain_ref], lr=adamw_lr, betas=betas, eps=1e-8, weight_decay=wd)
-    buf = torch.zeros_like(W)
+    bufs = [torch.zeros(s, dtype=torch.float64) for s in shapes]
     for _ in range(4):
-        G, g = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
-        W.grad, gain.grad, gain_ref.grad = G, g.clone(), g.clone()
+        g = torch.randn(4, generator=gen, dtype=torch.float64)
+        for W in Ws:
+            W.grad = torch.randn(W.shape, generator=gen, dtype=torch.float64)
+        gain.grad, gain_ref.grad = g.clone(), g.clone()
         opt.step()
         adamw.step()
-        buf = momentum * buf + (1 - momentum) * G
-        nesterov = (1 - momentum) * G + momentum * buf
-        W_ref = W_ref * (1 - lr * wd) - lr * 2**0.5 * newton_schulz(nesterov)  # 8 rows / 4 cols
-        torch.testing.assert_close(W, W_ref, rtol=1e-10, atol=1e-12)
+        for i, W in enumerate(Ws):
+            bufs[i] = momentum * bufs[i] + (1 - momentum) * W.grad
+            nesterov = (1 - momentum) * W.grad + momentum * bufs[i]
+            scale = max(1, W.shape[0] / W.shape[1]) ** 0.5
+            W_refs[i] = W_refs[i] * (1 - lr * wd) - lr * scale * newton_schulz(nesterov)
+            torch.testing.assert_close(W, W_refs[i], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gain, gain_ref.detach(), rtol=1e-10, atol=1e-12)
 
 

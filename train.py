@@ -42,6 +42,12 @@ GN_VARIANTS = {  # name: (mode, prox_linear)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def default_ls_micro_batches(micro_batches):
+    """A sixteenth of the inner loop's micro-batches: at 64 inner micro-batches on tiny, 4 to 64
+    line-search micro-batches trained alike (README, How GN works)."""
+    return max(1, micro_batches // 16)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit code 2: no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -96,7 +102,7 @@ def parse_args(argv=None):
     gn.add_argument("--inner-steps", type=positive(int), default=None,
                     help="inner steps per outer step (default: one per micro-batch)")
     gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
-                    help="fresh micro-batches for the line search (default: a quarter of --micro-batches)")
+                    help="fresh micro-batches for the line search (default: a sixteenth of --micro-batches)")
     gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
                     help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
                          "backtracking, none")
@@ -128,7 +134,7 @@ def parse_args(argv=None):
     if args.inner_lr is None and is_gn:
         args.inner_lr = GN_INNER_LR[args.inner]
     if args.ls_micro_batches is None:
-        args.ls_micro_batches = max(1, args.micro_batches // 4)
+        args.ls_micro_batches = default_ls_micro_batches(args.micro_batches)
     if not 0 <= args.ema < 1:
         p.error(f"--ema must lie in [0, 1), got {args.ema}")
     if args.stop_at_step is not None and args.stop_at_step > args.steps:
