@@ -168,6 +168,44 @@ class RMSNormFunction(torch.autograd.Function):
         return gx, gw, None
 
 
+def _center(u):
+    return u - u.mean(-1, keepdim=True)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """y = n ⊙ w + b with n = c r, c = x - mean(x), r = 1/√(mean(c²) + eps).
+
+    RMSNorm of the centred c. Centring is a symmetric projection and n is
+    already centred, so the tangent is RMSNorm's of the centred dx, the
+    gradient the centred RMSNorm gradient, and b adds db and sum(g).
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        y, n, r = RMSNormFunction.forward(_center(x), weight, eps)
+        return y + bias, n, r
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        RMSNormFunction.setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, _):
+        dy = RMSNormFunction.jvp(ctx, None if dx is None else _center(dx), dweight, None)[0]
+        if dbias is not None:
+            dy = dbias.expand_as(ctx.saved_tensors[0]).clone() if dy is None else dy.add_(dbias)
+        return dy, None, None
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        if g is None:
+            return None, None, None, None
+        gx, gw, _ = RMSNormFunction.backward(ctx, g)
+        gb = g.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
+        return None if gx is None else _center(gx), gw, gb, None
+
+
 class RotaryFunction(torch.autograd.Function):
     """Rotate pairs (x1, x2) of the last dimension by each position's angle.
 
@@ -239,6 +277,48 @@ class SwiGLUFunction(torch.autograd.Function):
         slope_b, silu = SwiGLUFunction._factors(ctx)
         ctx.factors = None
         return g * slope_b if ctx.needs_input_grad[0] else None, g * silu if ctx.needs_input_grad[1] else None
+
+
+class GELUFunction(torch.autograd.Function):
+    """y = gelu(a) in the tanh approximation (the authors' flax default):
+    gelu(a) = a s, s = (1 + t)/2, t = tanh(u), u = √(2/π)(a + 0.044715 a³),
+    gelu'(a) = s + a (1 - t²) u'(a)/2.
+
+    Tangent gelu'(a) ⊙ da, gradient g ⊙ gelu'(a). When jvp ran (GN),
+    backward reuses the slope it left.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a):
+        return F.gelu(a, approximate="tanh")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+        ctx.slope = None
+
+    @staticmethod
+    def _slope(ctx):
+        """gelu'(a), computed once."""
+        if ctx.slope is None:
+            a, = ctx.saved_tensors
+            c, k = math.sqrt(2 / math.pi), 0.044715
+            t = torch.tanh(c * (a + k * a ** 3))
+            ctx.slope = (1 + t) / 2 + a * (1 - t * t) * c * (1 + 3 * k * a * a) / 2
+        return ctx.slope
+
+    @staticmethod
+    def jvp(ctx, da):
+        return GELUFunction._slope(ctx) * da
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None
+        slope = GELUFunction._slope(ctx)
+        ctx.slope = None
+        return g * slope
 
 
 def _sum_of_products(pairs, scale=1.0):

@@ -11,8 +11,8 @@ from torch.func import functional_call
 
 from gn import (CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
                 model_gradient, model_step_size, step_size_grid)
-from model import (GPT, GPTConfig, PRESETS, CausalAttentionFunction, LinearFunction, RMSNormFunction,
-                   RotaryFunction, SwiGLUFunction, rotary_tables)
+from model import (GPT, GPTConfig, PRESETS, CausalAttentionFunction, GELUFunction, LayerNormFunction, LinearFunction,
+                   RMSNormFunction, RotaryFunction, SwiGLUFunction, rotary_tables)
 
 
 def tiny_transformer(seed=0):
@@ -113,8 +113,11 @@ def kernel_cases():
         ("linear", LinearFunction.apply, [(2, 3, 4), (5, 4)], F.linear),
         ("rms_norm", lambda x, w: RMSNormFunction.apply(x, w, 1e-6)[0], [(2, 3, 4), (4,)],
          lambda x, w: F.rms_norm(x, (4,), w, 1e-6)),
+        ("layer_norm", lambda x, w, b: LayerNormFunction.apply(x, w, b, 1e-6)[0], [(2, 3, 4), (4,), (4,)],
+         lambda x, w, b: F.layer_norm(x, (4,), w, b, 1e-6)),
         ("rotary", lambda x: RotaryFunction.apply(x, cos, sin), [(2, 3, 5, 4)], rotary_reference),
         ("swiglu", SwiGLUFunction.apply, [(2, 3, 4), (2, 3, 4)], lambda a, b: F.silu(a) * b),
+        ("gelu", GELUFunction.apply, [(2, 3, 4)], lambda a: F.gelu(a, approximate="tanh")),
     ] + [(name, lambda q, k, v: CausalAttentionFunction.apply(q, k, v)[0], [(2, 2, 5, 3)] * 3,
           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
          for name in ("attention", "attention_sdpa")]
@@ -122,14 +125,19 @@ def kernel_cases():
 
 @pytest.mark.parametrize("case", kernel_cases(), ids=lambda c: c[0])
 def test_kernels_match_torch_and_finite_differences(case, monkeypatch):
-    """Each hand-written kernel: its value against torch's own op, its jvp and
+    """Each hand-written kernel: its value and vjp against torch's own op, its jvp and
     vjp against finite differences, with every subset of inputs carrying a tangent.
     Attention's backward both ways: reusing P (the CPU's) or SDPA recomputing (CUDA's)."""
     name, fn, shapes, reference = case
     monkeypatch.setattr(CausalAttentionFunction, "reuse_probabilities", staticmethod(lambda q: name != "attention_sdpa"))
     torch.manual_seed(0)
     inputs = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    torch.testing.assert_close(fn(*inputs), reference(*inputs))
+    expected = reference(*inputs)
+    torch.testing.assert_close(fn(*inputs), expected)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    cotangent = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(fn(*leaves), leaves, cotangent),
+                               torch.autograd.grad(reference(*leaves), leaves, cotangent))
     for mask in range(1, 2 ** len(inputs)):
         live = [i for i in range(len(inputs)) if mask >> i & 1]
 
