@@ -80,6 +80,15 @@ def _save(ctx, *tensors):
     ctx.save_for_backward(*tensors)
 
 
+def _once(ctx, formula, release=False):
+    """formula(*saved tensors), computed once: backward reuses what jvp (GN) computed, and releases it."""
+    value = getattr(ctx, "computed", None)
+    if value is None:
+        value = formula(*ctx.saved_tensors)
+    ctx.computed = None if release else value
+    return value
+
+
 class LinearFunction(torch.autograd.Function):
     """y = x Wᵀ. Tangent dx Wᵀ + x dWᵀ; gradients g W and gᵀx."""
     generate_vmap_rule = True
@@ -251,21 +260,17 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _save(ctx, *inputs)
-        ctx.factors = None
 
     @staticmethod
-    def _factors(ctx):
-        """(silu'(a) ⊙ b, silu(a)), computed once."""
-        if ctx.factors is None:
-            a, b = ctx.saved_tensors
-            s = torch.sigmoid(a)
-            silu = a * s
-            ctx.factors = ((s + silu * (1 - s)) * b, silu)
-        return ctx.factors
+    def _factors(a, b):
+        """(silu'(a) ⊙ b, silu(a))."""
+        s = torch.sigmoid(a)
+        silu = a * s
+        return (s + silu * (1 - s)) * b, silu
 
     @staticmethod
     def jvp(ctx, da, db):
-        slope_b, silu = SwiGLUFunction._factors(ctx)
+        slope_b, silu = _once(ctx, SwiGLUFunction._factors)
         if da is None or db is None:
             return slope_b * da if db is None else silu * db
         return torch.addcmul(silu * db, slope_b, da)
@@ -274,8 +279,7 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, g):
         if g is None:
             return None, None
-        slope_b, silu = SwiGLUFunction._factors(ctx)
-        ctx.factors = None
+        slope_b, silu = _once(ctx, SwiGLUFunction._factors, release=True)
         return g * slope_b if ctx.needs_input_grad[0] else None, g * silu if ctx.needs_input_grad[1] else None
 
 
@@ -296,29 +300,23 @@ class GELUFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _save(ctx, *inputs)
-        ctx.slope = None
 
     @staticmethod
-    def _slope(ctx):
-        """gelu'(a), computed once."""
-        if ctx.slope is None:
-            a, = ctx.saved_tensors
-            c, k = math.sqrt(2 / math.pi), 0.044715
-            t = torch.tanh(c * (a + k * a ** 3))
-            ctx.slope = (1 + t) / 2 + a * (1 - t * t) * c * (1 + 3 * k * a * a) / 2
-        return ctx.slope
+    def _slope(a):
+        """gelu'(a)."""
+        c, k = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(c * (a + k * a ** 3))
+        return (1 + t) / 2 + a * (1 - t * t) * c * (1 + 3 * k * a * a) / 2
 
     @staticmethod
     def jvp(ctx, da):
-        return GELUFunction._slope(ctx) * da
+        return _once(ctx, GELUFunction._slope) * da
 
     @staticmethod
     def backward(ctx, g):
         if g is None:
             return None
-        slope = GELUFunction._slope(ctx)
-        ctx.slope = None
-        return g * slope
+        return g * _once(ctx, GELUFunction._slope, release=True)
 
 
 def _sum_of_products(pairs, scale=1.0):
