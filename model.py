@@ -2,15 +2,18 @@
 
 Token embedding, pre-norm blocks (RMSNorm, causal multi-head attention with
 rotary position embeddings, SwiGLU MLP), a final RMSNorm and an untied output
-head: the architecture the GN paper trained (Abreu et al. 2025, after LLaMA).
+head: LLaMA, which the GN paper builds on (Abreu et al. 2025). GPTConfig's
+options switch to the authors' own variant of it (presets paper45m and
+paper150m): a GELU MLP, separate q, k and v matrices and LayerNorm on queries
+and keys.
 
 Two things here exist for Gauss-Newton (gn.py):
 - Forward-mode AD works through the whole model, and cheaply: linear layers,
-  RMSNorm, rotary, SwiGLU and attention are autograd Functions with their own
-  tangent and gradient formulas (see "Kernels" below), so that no tangent
-  drags an autograd graph along. `F.scaled_dot_product_attention` has no
-  forward-mode derivative, so attention switches to its Function when its
-  inputs carry a tangent.
+  RMSNorm, LayerNorm, rotary, SwiGLU, GELU and attention are autograd
+  Functions with their own tangent and gradient formulas (see "Kernels"
+  below), so that no tangent drags an autograd graph along.
+  `F.scaled_dot_product_attention` has no forward-mode derivative, so
+  attention switches to its Function when its inputs carry a tangent.
 - `gn_blocks()` names the parameter blocks of layerwise GN, and
   `forward(h, start_block=i)` runs the network from the input of block i, so that
   layerwise GN can cache block inputs instead of rerunning the blocks below
@@ -32,18 +35,41 @@ class GPTConfig:
     n_layer: int = 3
     n_head: int = 4
     n_embd: int = 96
-    mlp_hidden: int = 256  # SwiGLU inner width (LLaMA uses about 8/3 of n_embd)
+    mlp_hidden: int = 256  # MLP inner width (LLaMA's SwiGLU uses about 8/3 of n_embd, the authors' GELU 4x)
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    # The defaults are LLaMA's; the paper presets switch to the authors' choices.
+    mlp: str = "swiglu"  # or "gelu": two matrices around a tanh-approximate GELU
+    qkv: str = "fused"  # or "separate": q, k and v matrices of their own (Muon orthogonalizes each)
+    qk_norm: bool = False  # LayerNorm (weight, bias) on queries and keys before rotary, across all heads at once
+
+    def __post_init__(self):
+        if self.mlp not in ("swiglu", "gelu") or self.qkv not in ("fused", "separate"):
+            raise ValueError(f"unknown mlp {self.mlp!r} or qkv {self.qkv!r}")
+        if self.qk_norm and self.qkv != "separate":
+            raise ValueError("qk_norm normalizes the outputs of separate q and k matrices: it needs qkv='separate'")
 
 
-# `tiny` trains in minutes on 2 CPU cores; `45m` and `150m` are the paper's
-# sizes with a 32k vocabulary (the exact count depends on the data's vocabulary).
+# The authors' architecture (natalieabreu/full-gauss-newton,
+# EasyLM/models/llama/llama_model.py). Their rotary pairs adjacent features of
+# a head, ours its two halves: the same model up to a fixed permutation of the
+# query and key features, which the LayerNorm and the random init do not see.
+PAPER_ARCH = dict(mlp="gelu", qkv="separate", qk_norm=True)
+
+# `tiny` trains in minutes on 2 CPU cores. `45m` and `150m` are our LLaMA-style
+# models at the paper's sizes, with a 32k vocabulary (the exact count depends
+# on the data's vocabulary). `paper45m` and `paper150m` are the authors' models
+# exactly (their presets 45M and 150M, vocabulary 32000, rotary tables as long
+# as their max_position_embeddings; they train on 1024-token sequences).
 PRESETS = {
     "tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=96, mlp_hidden=256),
     "small": GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256, mlp_hidden=688),
     "45m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=4, n_head=8, n_embd=512, mlp_hidden=1376),
     "150m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp_hidden=2560),
+    "paper45m": GPTConfig(vocab_size=32000, block_size=2048, n_layer=4, n_head=8, n_embd=512, mlp_hidden=2048,
+                          **PAPER_ARCH),
+    "paper150m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=12, n_head=16, n_embd=768, mlp_hidden=3072,
+                           **PAPER_ARCH),
 }
 
 
@@ -406,6 +432,15 @@ class RMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, self.eps)[0]
 
 
+class LayerNorm(RMSNorm):
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)[0]
+
+
 def rotary_tables(head_dim, length, base):
     """cos and sin of the rotary angles, shaped (length, head_dim // 2)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -417,13 +452,30 @@ def rotary_tables(head_dim, length, base):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
+        C = config.n_embd
         self.n_head = config.n_head
-        self.qkv = Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = Linear(config.n_embd, config.n_embd)
+        self.fused = config.qkv == "fused"
+        if self.fused:
+            self.qkv = Linear(C, 3 * C)
+        else:
+            self.q, self.k, self.v = Linear(C, C), Linear(C, C), Linear(C, C)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm, self.k_norm = LayerNorm(C, config.norm_eps), LayerNorm(C, config.norm_eps)
+        self.proj = Linear(C, C)
+
+    def _qkv(self, x):
+        """Queries, keys and values side by side, (B, T, 3C)."""
+        if self.fused:
+            return self.qkv(x)
+        q, k = self.q(x), self.k(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return torch.cat((q, k, self.v(x)), dim=-1)
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self._qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = RotaryFunction.apply(qkv[:2], cos, sin)  # queries and keys in one go
         v = qkv[2]
         if any(has_tangent(t) for t in (q, k, v)):
@@ -444,13 +496,23 @@ class SwiGLU(nn.Module):
         return self.down(SwiGLUFunction.apply(self.gate(x), self.up(x)))
 
 
+class GELUMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.up = Linear(config.n_embd, config.mlp_hidden)
+        self.down = Linear(config.mlp_hidden, config.n_embd)
+
+    def forward(self, x):
+        return self.down(GELUFunction.apply(self.up(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GELUMLP(config)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
