@@ -4,8 +4,8 @@ Token embedding, pre-norm blocks (RMSNorm, causal multi-head attention with
 rotary position embeddings, SwiGLU MLP), a final RMSNorm and an untied output
 head: LLaMA, which the GN paper builds on (Abreu et al. 2025). GPTConfig's
 options switch to the authors' own variant of it (presets paper45m and
-paper150m): a GELU MLP, separate q, k and v matrices and LayerNorm on queries
-and keys.
+paper150m): a GELU MLP, separate q, k and v matrices, LayerNorm on queries
+and keys, and their init.
 
 Two things here exist for Gauss-Newton (gn.py):
 - Forward-mode AD works through the whole model, and cheaply: linear layers,
@@ -42,10 +42,14 @@ class GPTConfig:
     mlp: str = "swiglu"  # or "gelu": two matrices around a tanh-approximate GELU
     qkv: str = "fused"  # or "separate": q, k and v matrices of their own (Muon orthogonalizes each)
     qk_norm: bool = False  # LayerNorm (weight, bias) on queries and keys before rotary, across all heads at once
+    # "gpt2": N(0, 0.02²) weights, residual projections scaled by 1/√(2 n_layer);
+    # or "fan_in": N(0, 1/fan_in) matrices and a N(0, 1) embedding
+    init: str = "gpt2"
 
     def __post_init__(self):
-        if self.mlp not in ("swiglu", "gelu") or self.qkv not in ("fused", "separate"):
-            raise ValueError(f"unknown mlp {self.mlp!r} or qkv {self.qkv!r}")
+        if (self.mlp not in ("swiglu", "gelu") or self.qkv not in ("fused", "separate")
+                or self.init not in ("gpt2", "fan_in")):
+            raise ValueError(f"unknown mlp {self.mlp!r}, qkv {self.qkv!r} or init {self.init!r}")
         if self.qk_norm and self.qkv != "separate":
             raise ValueError("qk_norm normalizes the outputs of separate q and k matrices: it needs qkv='separate'")
 
@@ -54,7 +58,9 @@ class GPTConfig:
 # EasyLM/models/llama/llama_model.py). Their rotary pairs adjacent features of
 # a head, ours its two halves: the same model up to a fixed permutation of the
 # query and key features, which the LayerNorm and the random init do not see.
-PAPER_ARCH = dict(mlp="gelu", qkv="separate", qk_norm=True)
+# Their init: std initializer_range/√fan_in for matrices, initializer_range for
+# the embedding, and their run scripts set initializer_range=1.0.
+PAPER_ARCH = dict(mlp="gelu", qkv="separate", qk_norm=True, init="fan_in")
 
 # `tiny` trains in minutes on 2 CPU cores. `45m` and `150m` are our LLaMA-style
 # models at the paper's sizes, with a 32k vocabulary (the exact count depends
@@ -532,15 +538,19 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
         self.apply(self._init_weights)
-        # Residual projections scaled down so the residual stream's variance
-        # does not grow with depth (GPT-2's rule).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2":
+            # Residual projections scaled down so the residual stream's variance
+            # does not grow with depth (GPT-2's rule).
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        fan_in = self.config.init == "fan_in"
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=module.in_features ** -0.5 if fan_in else 0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0 if fan_in else 0.02)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

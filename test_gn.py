@@ -204,8 +204,18 @@ def test_presets_build_with_their_sizes():
             assert GPT(PRESETS[name]).num_params() == 2 * 32000 * d + layers * (12 * d * d + 6 * d) + d
 
 
+def test_fan_in_init_draws_the_authors_scales():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, n_layer=1, n_embd=256, mlp_hidden=1024, **PAPER_ARCH))
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            std = 1.0 if name == "embed.weight" else p.shape[1] ** -0.5
+            assert abs(p.std().item() / std - 1) < 0.02, name
+
+
 def test_config_rejects_unknown_options():
-    for bad in [dict(mlp="relu"), dict(qkv="grouped"), dict(qk_norm=True)]:  # qk_norm needs separate q and k
+    for bad in [dict(mlp="relu"), dict(qkv="grouped"), dict(init="xavier"),
+                dict(qk_norm=True)]:  # qk_norm needs separate q and k
         with pytest.raises(ValueError):
             GPTConfig(**bad)
 
