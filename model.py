@@ -2,15 +2,18 @@
 
 Token embedding, pre-norm blocks (RMSNorm, causal multi-head attention with
 rotary position embeddings, SwiGLU MLP), a final RMSNorm and an untied output
-head: the architecture the GN paper trained (Abreu et al. 2025, after LLaMA).
+head: LLaMA, which the GN paper builds on (Abreu et al. 2025). GPTConfig's
+options switch to the authors' own variant of it (presets paper45m and
+paper150m): a GELU MLP, separate q, k and v matrices, LayerNorm on queries
+and keys, and their init.
 
 Two things here exist for Gauss-Newton (gn.py):
 - Forward-mode AD works through the whole model, and cheaply: linear layers,
-  RMSNorm, rotary, SwiGLU and attention are autograd Functions with their own
-  tangent and gradient formulas (see "Kernels" below), so that no tangent
-  drags an autograd graph along. `F.scaled_dot_product_attention` has no
-  forward-mode derivative, so attention switches to its Function when its
-  inputs carry a tangent.
+  RMSNorm, LayerNorm, rotary, SwiGLU, GELU and attention are autograd
+  Functions with their own tangent and gradient formulas (see "Kernels"
+  below), so that no tangent drags an autograd graph along.
+  `F.scaled_dot_product_attention` has no forward-mode derivative, so
+  attention switches to its Function when its inputs carry a tangent.
 - `gn_blocks()` names the parameter blocks of layerwise GN, and
   `forward(h, start_block=i)` runs the network from the input of block i, so that
   layerwise GN can cache block inputs instead of rerunning the blocks below
@@ -32,18 +35,47 @@ class GPTConfig:
     n_layer: int = 3
     n_head: int = 4
     n_embd: int = 96
-    mlp_hidden: int = 256  # SwiGLU inner width (LLaMA uses about 8/3 of n_embd)
+    mlp_hidden: int = 256  # MLP inner width (LLaMA's SwiGLU uses about 8/3 of n_embd, the authors' GELU 4x)
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    # The defaults are LLaMA's; the paper presets switch to the authors' choices.
+    mlp: str = "swiglu"  # or "gelu": two matrices around a tanh-approximate GELU
+    qkv: str = "fused"  # or "separate": q, k and v matrices of their own (Muon orthogonalizes each)
+    qk_norm: bool = False  # LayerNorm (weight, bias) on queries and keys before rotary, across all heads at once
+    # "gpt2": N(0, 0.02²) weights, residual projections scaled by 1/√(2 n_layer);
+    # or "fan_in": N(0, 1/fan_in) matrices and a N(0, 1) embedding
+    init: str = "gpt2"
+
+    def __post_init__(self):
+        if (self.mlp not in ("swiglu", "gelu") or self.qkv not in ("fused", "separate")
+                or self.init not in ("gpt2", "fan_in")):
+            raise ValueError(f"unknown mlp {self.mlp!r}, qkv {self.qkv!r} or init {self.init!r}")
+        if self.qk_norm and self.qkv != "separate":
+            raise ValueError("qk_norm normalizes the outputs of separate q and k matrices: it needs qkv='separate'")
 
 
-# `tiny` trains in minutes on 2 CPU cores; `45m` and `150m` are the paper's
-# sizes with a 32k vocabulary (the exact count depends on the data's vocabulary).
+# The authors' architecture (natalieabreu/full-gauss-newton,
+# EasyLM/models/llama/llama_model.py). Their rotary pairs adjacent features of
+# a head, ours its two halves: the same model up to a fixed permutation of the
+# query and key features, which the LayerNorm and the random init do not see.
+# Their init: std initializer_range/√fan_in for matrices, initializer_range for
+# the embedding, and their run scripts set initializer_range=1.0.
+PAPER_ARCH = dict(mlp="gelu", qkv="separate", qk_norm=True, init="fan_in")
+
+# `tiny` trains in minutes on 2 CPU cores. `45m` and `150m` are our LLaMA-style
+# models at the paper's sizes, with a 32k vocabulary (the exact count depends
+# on the data's vocabulary). `paper45m` and `paper150m` are the authors' models
+# exactly (their presets 45M and 150M, vocabulary 32000, rotary tables as long
+# as their max_position_embeddings; they train on 1024-token sequences).
 PRESETS = {
     "tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=96, mlp_hidden=256),
     "small": GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256, mlp_hidden=688),
     "45m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=4, n_head=8, n_embd=512, mlp_hidden=1376),
     "150m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp_hidden=2560),
+    "paper45m": GPTConfig(vocab_size=32000, block_size=2048, n_layer=4, n_head=8, n_embd=512, mlp_hidden=2048,
+                          **PAPER_ARCH),
+    "paper150m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=12, n_head=16, n_embd=768, mlp_hidden=3072,
+                           **PAPER_ARCH),
 }
 
 
@@ -78,6 +110,15 @@ def _save(ctx, *tensors):
     tensors = [t.detach() for t in tensors]
     ctx.save_for_forward(*tensors)
     ctx.save_for_backward(*tensors)
+
+
+def _once(ctx, formula, release=False):
+    """formula(*saved tensors), computed once: backward reuses what jvp (GN) computed, and releases it."""
+    value = getattr(ctx, "computed", None)
+    if value is None:
+        value = formula(*ctx.saved_tensors)
+    ctx.computed = None if release else value
+    return value
 
 
 class LinearFunction(torch.autograd.Function):
@@ -168,6 +209,44 @@ class RMSNormFunction(torch.autograd.Function):
         return gx, gw, None
 
 
+def _center(u):
+    return u - u.mean(-1, keepdim=True)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """y = n ⊙ w + b with n = c r, c = x - mean(x), r = 1/√(mean(c²) + eps).
+
+    RMSNorm of the centred c. Centring is a symmetric projection and n is
+    already centred, so the tangent is RMSNorm's of the centred dx, the
+    gradient the centred RMSNorm gradient, and b adds db and sum(g).
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        y, n, r = RMSNormFunction.forward(_center(x), weight, eps)
+        return y + bias, n, r
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        RMSNormFunction.setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, _):
+        dy = RMSNormFunction.jvp(ctx, None if dx is None else _center(dx), dweight, None)[0]
+        if dbias is not None:
+            dy = dbias.expand_as(ctx.saved_tensors[0]).clone() if dy is None else dy.add_(dbias)
+        return dy, None, None
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        if g is None:
+            return None, None, None, None
+        gx, gw, _ = RMSNormFunction.backward(ctx, g)
+        gb = g.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
+        return None if gx is None else _center(gx), gw, gb, None
+
+
 class RotaryFunction(torch.autograd.Function):
     """Rotate pairs (x1, x2) of the last dimension by each position's angle.
 
@@ -213,21 +292,17 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _save(ctx, *inputs)
-        ctx.factors = None
 
     @staticmethod
-    def _factors(ctx):
-        """(silu'(a) ⊙ b, silu(a)), computed once."""
-        if ctx.factors is None:
-            a, b = ctx.saved_tensors
-            s = torch.sigmoid(a)
-            silu = a * s
-            ctx.factors = ((s + silu * (1 - s)) * b, silu)
-        return ctx.factors
+    def _factors(a, b):
+        """(silu'(a) ⊙ b, silu(a))."""
+        s = torch.sigmoid(a)
+        silu = a * s
+        return (s + silu * (1 - s)) * b, silu
 
     @staticmethod
     def jvp(ctx, da, db):
-        slope_b, silu = SwiGLUFunction._factors(ctx)
+        slope_b, silu = _once(ctx, SwiGLUFunction._factors)
         if da is None or db is None:
             return slope_b * da if db is None else silu * db
         return torch.addcmul(silu * db, slope_b, da)
@@ -236,9 +311,44 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, g):
         if g is None:
             return None, None
-        slope_b, silu = SwiGLUFunction._factors(ctx)
-        ctx.factors = None
+        slope_b, silu = _once(ctx, SwiGLUFunction._factors, release=True)
         return g * slope_b if ctx.needs_input_grad[0] else None, g * silu if ctx.needs_input_grad[1] else None
+
+
+class GELUFunction(torch.autograd.Function):
+    """y = gelu(a) in the tanh approximation (the authors' flax default):
+    gelu(a) = a s, s = (1 + t)/2, t = tanh(u), u = √(2/π)(a + 0.044715 a³),
+    gelu'(a) = s + a (1 - t²) u'(a)/2.
+
+    Tangent gelu'(a) ⊙ da, gradient g ⊙ gelu'(a). When jvp ran (GN),
+    backward reuses the slope it left.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a):
+        return F.gelu(a, approximate="tanh")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+
+    @staticmethod
+    def _slope(a):
+        """gelu'(a)."""
+        c, k = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(c * (a + k * a ** 3))
+        return (1 + t) / 2 + a * (1 - t * t) * c * (1 + 3 * k * a * a) / 2
+
+    @staticmethod
+    def jvp(ctx, da):
+        return _once(ctx, GELUFunction._slope) * da
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None
+        return g * _once(ctx, GELUFunction._slope, release=True)
 
 
 def _sum_of_products(pairs, scale=1.0):
@@ -328,6 +438,15 @@ class RMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, self.eps)[0]
 
 
+class LayerNorm(RMSNorm):
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)[0]
+
+
 def rotary_tables(head_dim, length, base):
     """cos and sin of the rotary angles, shaped (length, head_dim // 2)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -339,13 +458,30 @@ def rotary_tables(head_dim, length, base):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
+        C = config.n_embd
         self.n_head = config.n_head
-        self.qkv = Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = Linear(config.n_embd, config.n_embd)
+        self.fused = config.qkv == "fused"
+        if self.fused:
+            self.qkv = Linear(C, 3 * C)
+        else:
+            self.q, self.k, self.v = Linear(C, C), Linear(C, C), Linear(C, C)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm, self.k_norm = LayerNorm(C, config.norm_eps), LayerNorm(C, config.norm_eps)
+        self.proj = Linear(C, C)
+
+    def _qkv(self, x):
+        """Queries, keys and values side by side, (B, T, 3C)."""
+        if self.fused:
+            return self.qkv(x)
+        q, k = self.q(x), self.k(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return torch.cat((q, k, self.v(x)), dim=-1)
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self._qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = RotaryFunction.apply(qkv[:2], cos, sin)  # queries and keys in one go
         v = qkv[2]
         if any(has_tangent(t) for t in (q, k, v)):
@@ -366,13 +502,23 @@ class SwiGLU(nn.Module):
         return self.down(SwiGLUFunction.apply(self.gate(x), self.up(x)))
 
 
+class GELUMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.up = Linear(config.n_embd, config.mlp_hidden)
+        self.down = Linear(config.mlp_hidden, config.n_embd)
+
+    def forward(self, x):
+        return self.down(GELUFunction.apply(self.up(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GELUMLP(config)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -392,15 +538,19 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
         self.apply(self._init_weights)
-        # Residual projections scaled down so the residual stream's variance
-        # does not grow with depth (GPT-2's rule).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2":
+            # Residual projections scaled down so the residual stream's variance
+            # does not grow with depth (GPT-2's rule).
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        fan_in = self.config.init == "fan_in"
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=module.in_features ** -0.5 if fan_in else 0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0 if fan_in else 0.02)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

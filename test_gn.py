@@ -11,13 +11,17 @@ from torch.func import functional_call
 
 from gn import (CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
                 model_gradient, model_step_size, span_model, span_step_sizes, step_size_grid)
-from model import (GPT, GPTConfig, PRESETS, CausalAttentionFunction, LinearFunction, RMSNormFunction,
-                   RotaryFunction, SwiGLUFunction, rotary_tables)
+from model import (GPT, GPTConfig, PAPER_ARCH, PRESETS, CausalAttentionFunction, GELUFunction, LayerNormFunction,
+                   LinearFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction, rotary_tables)
 
 
-def tiny_transformer(seed=0):
+ARCHS = {"llama": {}, "paper": PAPER_ARCH}
+
+
+def tiny_transformer(seed=0, arch="llama"):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, mlp_hidden=12)).double()
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, mlp_hidden=12,
+                         **ARCHS[arch])).double()
 
 
 def small_mlp(out_dim, seed=0):
@@ -73,8 +77,9 @@ def cases():
 
 # --- model.py ---------------------------------------------------------------
 
-def test_model_jvp_matches_central_differences():
-    model = tiny_transformer()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_jvp_matches_central_differences(arch):
+    model = tiny_transformer(arch=arch)
     x = torch.randint(0, 11, (2, 6))
     params = {k: v.detach() for k, v in model.named_parameters()}
     tangent = {k: torch.randn_like(v) for k, v in params.items()}
@@ -113,8 +118,11 @@ def kernel_cases():
         ("linear", LinearFunction.apply, [(2, 3, 4), (5, 4)], F.linear),
         ("rms_norm", lambda x, w: RMSNormFunction.apply(x, w, 1e-6)[0], [(2, 3, 4), (4,)],
          lambda x, w: F.rms_norm(x, (4,), w, 1e-6)),
+        ("layer_norm", lambda x, w, b: LayerNormFunction.apply(x, w, b, 1e-6)[0], [(2, 3, 4), (4,), (4,)],
+         lambda x, w, b: F.layer_norm(x, (4,), w, b, 1e-6)),
         ("rotary", lambda x: RotaryFunction.apply(x, cos, sin), [(2, 3, 5, 4)], rotary_reference),
         ("swiglu", SwiGLUFunction.apply, [(2, 3, 4), (2, 3, 4)], lambda a, b: F.silu(a) * b),
+        ("gelu", GELUFunction.apply, [(2, 3, 4)], lambda a: F.gelu(a, approximate="tanh")),
     ] + [(name, lambda q, k, v: CausalAttentionFunction.apply(q, k, v)[0], [(2, 2, 5, 3)] * 3,
           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
          for name in ("attention", "attention_sdpa")]
@@ -122,14 +130,19 @@ def kernel_cases():
 
 @pytest.mark.parametrize("case", kernel_cases(), ids=lambda c: c[0])
 def test_kernels_match_torch_and_finite_differences(case, monkeypatch):
-    """Each hand-written kernel: its value against torch's own op, its jvp and
+    """Each hand-written kernel: its value and vjp against torch's own op, its jvp and
     vjp against finite differences, with every subset of inputs carrying a tangent.
     Attention's backward both ways: reusing P (the CPU's) or SDPA recomputing (CUDA's)."""
     name, fn, shapes, reference = case
     monkeypatch.setattr(CausalAttentionFunction, "reuse_probabilities", staticmethod(lambda q: name != "attention_sdpa"))
     torch.manual_seed(0)
     inputs = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    torch.testing.assert_close(fn(*inputs), reference(*inputs))
+    expected = reference(*inputs)
+    torch.testing.assert_close(fn(*inputs), expected)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    cotangent = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(fn(*leaves), leaves, cotangent),
+                               torch.autograd.grad(reference(*leaves), leaves, cotangent))
     for mask in range(1, 2 ** len(inputs)):
         live = [i for i in range(len(inputs)) if mask >> i & 1]
 
@@ -142,10 +155,11 @@ def test_kernels_match_torch_and_finite_differences(case, monkeypatch):
                                         check_forward_ad=True)
 
 
-def test_gn_tangent_carries_no_graph():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gn_tangent_carries_no_graph(arch):
     """The tangent out of the model has no autograd history: nothing of the
     tangent computation is kept for a backward pass that GN never takes."""
-    model = tiny_transformer()
+    model = tiny_transformer(arch=arch)
     x = torch.randint(0, 11, (2, 6))
     primals = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
     with torch.autograd.forward_ad.dual_level():
@@ -154,17 +168,21 @@ def test_gn_tangent_carries_no_graph():
     assert z.grad_fn is not None and jz.grad_fn is None
 
 
-def test_gn_blocks_cover_every_parameter_once():
-    model = GPT(PRESETS["tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "paper45m"])
+def test_gn_blocks_cover_every_parameter_once(preset):
+    with torch.device("meta"):
+        model = GPT(PRESETS[preset])
     names = [n for _, block in model.gn_blocks() for n in block]
     assert len(names) == len(set(names))
     assert set(names) == {n for n, _ in model.named_parameters()}
-    assert [b for b, _ in model.gn_blocks()] == ["embed", "block0", "block1", "block2", "head"]
-    assert "norm.weight" in dict(model.gn_blocks())["block2"]
+    layers = [f"block{i}" for i in range(model.config.n_layer)]
+    assert [b for b, _ in model.gn_blocks()] == ["embed", *layers, "head"]
+    assert "norm.weight" in dict(model.gn_blocks())[layers[-1]]
 
 
-def test_forward_from_cached_block_inputs_equals_full_forward():
-    model = tiny_transformer()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_from_cached_block_inputs_equals_full_forward(arch):
+    model = tiny_transformer(arch=arch)
     x = torch.randint(0, 11, (2, 6))
     full = model(x)
     inputs = model.block_inputs(x)
@@ -177,6 +195,29 @@ def test_presets_build_with_their_sizes():
     for name, millions in [("tiny", 0.38), ("45m", 45.4), ("150m", 148.3)]:
         with torch.device("meta"):
             assert abs(GPT(PRESETS[name]).num_params() / 1e6 - millions) < 0.1
+    # The authors' counts, 45,363,712 and 134,142,720: untied embedding and head
+    # (vocabulary 32000), per layer q, k, v, out and two 4x-wide MLP matrices
+    # (12 d²), two RMSNorm weights and the q and k LayerNorms' weights and
+    # biases (6 d), a final RMSNorm.
+    for name, d, layers in [("paper45m", 512, 4), ("paper150m", 768, 12)]:
+        with torch.device("meta"):
+            assert GPT(PRESETS[name]).num_params() == 2 * 32000 * d + layers * (12 * d * d + 6 * d) + d
+
+
+def test_fan_in_init_draws_the_authors_scales():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, n_layer=1, n_embd=256, mlp_hidden=1024, **PAPER_ARCH))
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            std = 1.0 if name == "embed.weight" else p.shape[1] ** -0.5
+            assert abs(p.std().item() / std - 1) < 0.02, name
+
+
+def test_config_rejects_unknown_options():
+    for bad in [dict(mlp="relu"), dict(qkv="grouped"), dict(init="xavier"),
+                dict(qk_norm=True)]:  # qk_norm needs separate q and k
+        with pytest.raises(ValueError):
+            GPTConfig(**bad)
 
 
 # --- gn.py: exactness -------------------------------------------------------
@@ -346,11 +387,12 @@ def test_gn_steps_lower_the_loss(mode, inner, combine):
     assert last < first - 0.05
 
 
-def test_cached_layerwise_path_equals_whole_forward_path():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_layerwise_path_equals_whole_forward_path(arch):
     batches, ls = byte_batches(3, seed=0), byte_batches(2, seed=1)
     results = []
     for reverse in (False, True):
-        model = tiny_transformer()
+        model = tiny_transformer(arch=arch)
         blocks = [names for _, names in model.gn_blocks()]
         # The same blocks in another order: the optimizer falls back to whole forward passes.
         opt = GaussNewton(model, inner="adamw", line_search="none", blocks=blocks[::-1] if reverse else blocks)
