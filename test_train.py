@@ -1,5 +1,6 @@
 """Tests of train.py end to end: metrics and config files, learning, bad input,
-exact resume after Ctrl-C, non-finite steps, and data parallelism under torchrun."""
+exact resume after Ctrl-C, the paper's recipe, non-finite steps, and data
+parallelism under torchrun."""
 import json
 import os
 import signal
@@ -128,6 +129,35 @@ def test_missing_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
     result = run_train(*SMALL_RUN, "--out", str(tmp_path), "--resume")
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# The authors' settings (github.com/natalieabreu/full-gauss-newton: templates/*.sbatch,
+# EasyLM/models/llama/llama_train_gn*.py), restated here so that PAPER_RECIPE has to agree with them.
+AUTHORS = {
+    "adamw": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, ema=0.0),
+    "muon": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, adamw_lr_ratio=1.0),
+    "gn": dict(schedule="constant", warmup=0, inner="muon", adamw_lr_ratio=1.0, betas=(0.9, 0.999),
+               weight_decay=0.001, muon_weight_decay=0.0, keep_iterate=True, no_warm_start=False, ema=0.999,
+               line_search="grid", min_step_size=2 ** -2, ls_micro_batches=8),  # as many as the inner loop's
+}
+AUTHORS["gn_layerwise"] = dict(AUTHORS["gn"], min_step_size=2 ** (-9 / 2))
+
+
+@pytest.mark.parametrize("opt", list(AUTHORS))
+def test_paper_recipe_sets_the_authors_values_and_given_flags_win(opt):
+    paper = vars(train.parse_args(["--recipe", "paper", "--opt", opt]))
+    assert {k: paper[k] for k in AUTHORS[opt]} == AUTHORS[opt]
+    recipe = train.paper_recipe(opt)
+    assert {k: paper[k] for k in recipe} == recipe
+    ours = vars(train.parse_args(["--opt", opt]))
+    assert {k for k in recipe if ours[k] != recipe[k]} >= {"schedule", "adamw_lr_ratio"}
+    # A flag given on the command line wins over the recipe; the rest of the recipe stays.
+    given = vars(train.parse_args(["--recipe", "paper", "--opt", opt, "--schedule", "cosine", "--weight-decay", "0.1"]
+                                  + (["--no-keep-iterate", "--ls-micro-batches", "3"] if opt.startswith("gn") else [])))
+    assert given["schedule"] == "cosine" and given["weight_decay"] == 0.1
+    assert given["adamw_lr_ratio"] == 1.0
+    if opt.startswith("gn"):
+        assert not given["keep_iterate"] and given["ls_micro_batches"] == 3 and given["ema"] == 0.999
 
 
 @pytest.mark.parametrize("opt", ["gn_layerwise", "muon"])

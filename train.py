@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from baselines import DEFAULT_LR, make_optimizer
+from baselines import DEFAULT_LR, MUON_ADAMW_LR_RATIO, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
 from gn import INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean
 from model import GPT, PRESETS
@@ -40,6 +40,37 @@ GN_VARIANTS = {  # name: (mode, prox_linear)
     "gn_layerwise_prox": ("layerwise", True),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+# The authors' recipe for the 45M model (github.com/natalieabreu/full-gauss-newton:
+# templates/gn-template.sbatch and adam-template.sbatch, EasyLM/models/llama/
+# llama_train_gn.py and llama_train_gn_layerwise.py). --recipe paper makes these
+# the defaults, so a flag given on the command line still wins. They started
+# every optimizer from one 1000-step AdamW checkpoint.
+PAPER_RECIPE = {
+    # Baselines: constant lr, no warmup, no weight decay, clip 1; Muon's
+    # AdamW groups at Muon's own lr.
+    "first_order": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, adamw_lr_ratio=1.0),
+    # GN: the inner lr stays the same across outer steps (a cosine only inside
+    # each); inner Muon's AdamW groups (embedding, head, gains) at Muon's lr
+    # with betas (0.9, 0.999) and the only weight decay; the inner iterate and
+    # state kept; EMA 0.999 per outer step; the line search takes the best of
+    # 2^(-i/2), i < 5, on as many fresh micro-batches as the inner loop used
+    # (gn.py's grid also offers η = 0 and, when η* lies lower, halvings down
+    # to η*/2; the authors' always steps).
+    "gauss_newton": dict(schedule="constant", adamw_lr_ratio=1.0, betas=(0.9, 0.999), weight_decay=0.001,
+                         muon_weight_decay=0.0, keep_iterate=True, ema=0.999, line_search="grid",
+                         min_step_size=2 ** -2, ls_fraction=1.0),
+    # Layerwise GN on top of gauss_newton's: the grid reaches 2^(-i/2), i < 10.
+    "layerwise": dict(min_step_size=2 ** -4.5),
+}
+
+
+def paper_recipe(opt):
+    """PAPER_RECIPE's settings for optimizer opt."""
+    if opt not in GN_VARIANTS:
+        return PAPER_RECIPE["first_order"]
+    layerwise = PAPER_RECIPE["layerwise"] if GN_VARIANTS[opt][0] == "layerwise" else {}
+    return {**PAPER_RECIPE["gauss_newton"], **layerwise}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -70,10 +101,23 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=positive(int), default=64, help="tokens per sequence")
     p.add_argument("--lr", type=positive(float), default=None,
                    help="peak learning rate of a first-order optimizer (default: tuned per optimizer)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    p.add_argument("--recipe", default="ours", choices=["ours", "paper"],
+                   help="paper: the authors' settings (PAPER_RECIPE in train.py) as defaults; flags given still win")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay (Gauss-Newton: its inner optimizer's)")
+    p.add_argument("--muon-weight-decay", type=float, default=None,
+                   help="weight decay of Muon's hidden matrices (default: --weight-decay; the paper's inner Muon: 0)")
+    p.add_argument("--adamw-lr-ratio", type=positive(float), default=MUON_ADAMW_LR_RATIO,
+                   help=f"lr of Muon's AdamW groups (embedding, head, gains) as a fraction of Muon's "
+                        f"(default {MUON_ADAMW_LR_RATIO})")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
+                   help="Adam's betas (Gauss-Newton: its inner optimizer's; default: per optimizer, baselines.py)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="first-order global gradient-norm clip (0: off)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="the lr after warmup, across outer steps: cosine decay to 10%% or constant (Gauss-Newton: "
+                        "its inner lr, which also follows a cosine inside every outer step)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="linear warmup steps before the cosine decay (default: 5%% of steps)")
+                   help="linear warmup steps before the schedule (default: 5%% of steps, 0 for Gauss-Newton)")
     p.add_argument("--eval-every", type=positive(int), default=None, help="evaluate every N steps (default: steps/10)")
     p.add_argument("--eval-batches", type=positive(int), default=8, help="validation micro-batches per evaluation")
     p.add_argument("--target-loss", type=float, default=None,
@@ -96,7 +140,9 @@ def parse_args(argv=None):
     gn.add_argument("--inner-steps", type=positive(int), default=None,
                     help="inner steps per outer step (default: one per micro-batch)")
     gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
-                    help="fresh micro-batches for the line search (default: a quarter of --micro-batches)")
+                    help="fresh micro-batches for the line search (default: --ls-fraction of --micro-batches)")
+    gn.add_argument("--ls-fraction", type=positive(float), default=0.25,
+                    help="the default --ls-micro-batches as a fraction of --micro-batches (the paper's: 1)")
     gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
                     help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
                          "backtracking, none")
@@ -104,9 +150,14 @@ def parse_args(argv=None):
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
     gn.add_argument("--no-warm-start", action="store_true", help="reset the inner optimizer's state every outer step")
+    gn.add_argument("--keep-iterate", action=argparse.BooleanOptionalAction, default=False,
+                    help="start each inner loop where the last one ended instead of at the weights (the paper's)")
     gn.add_argument("--ema", type=float, default=0.0,
                     help="evaluate an exponential moving average of the weights with this decay (paper: 0.999)")
     args = p.parse_args(argv)
+    if args.recipe == "paper":
+        p.set_defaults(**paper_recipe(args.opt))
+        args = p.parse_args(argv)
     is_gn = args.opt in GN_VARIANTS
     if is_gn and args.lr is not None:
         p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
@@ -125,7 +176,11 @@ def parse_args(argv=None):
     if args.inner_lr is None and is_gn:
         args.inner_lr = GN_INNER_LR[args.inner]
     if args.ls_micro_batches is None:
-        args.ls_micro_batches = max(1, args.micro_batches // 4)
+        args.ls_micro_batches = max(1, int(args.micro_batches * args.ls_fraction))
+    if args.betas is not None:
+        args.betas = tuple(args.betas)  # a list from the command line, a tuple from the recipe: compare equal
+        if not all(0 <= b < 1 for b in args.betas):
+            p.error(f"--betas must lie in [0, 1), got {args.betas[0]} {args.betas[1]}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must lie in [0, 1), got {args.ema}")
     if args.stop_at_step is not None and args.stop_at_step > args.steps:
@@ -142,10 +197,12 @@ def parse_args(argv=None):
 GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
 
 
-def lr_factor(step, steps, warmup):
-    """Linear warmup, then cosine decay to 10% of the peak (step counts from 0)."""
+def lr_factor(step, steps, warmup, schedule="cosine"):
+    """Linear warmup, then cosine decay to 10% of the peak or constant (step counts from 0)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -156,6 +213,15 @@ def evaluate(model, batches):
     loss = sum(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item() for x, y in batches)
     model.train()
     return loss / len(batches)
+
+
+def build_optimizer(name, named_params, lr, args):
+    """make_optimizer with the command line's weight decay, betas and Muon options."""
+    muon = {}
+    if name == "muon":
+        matrices = args.weight_decay if args.muon_weight_decay is None else args.muon_weight_decay
+        muon = dict(adamw_lr=args.adamw_lr_ratio * lr, muon_weight_decay=matrices)
+    return make_optimizer(name, named_params, lr=lr, weight_decay=args.weight_decay, betas=args.betas, **muon)
 
 
 def first_order_step(model, opt, batches, grad_clip):
@@ -193,9 +259,10 @@ def write_atomic(path, write):
 
 
 # Options that define the run: a resumed run must be given the same ones.
-RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay", "grad_clip",
-                "warmup", "eval_batches", "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches",
-                "line_search", "min_step_size", "damping", "no_warm_start", "ema")
+RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
+                "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
+                "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "line_search",
+                "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema")
 
 
 def load_checkpoint(path, args, device):
@@ -207,8 +274,8 @@ def load_checkpoint(path, args, device):
     except Exception as e:  # a truncated or foreign file: say so in one line
         fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     for key in RUN_DEFINING:
-        if saved.get(key) != getattr(args, key):
-            fail(f"{path}: --{key.replace('_', '-')} was {saved.get(key)!r} in the checkpoint, "
+        if key in saved and saved[key] != getattr(args, key):  # a key absent from an older checkpoint had its default
+            fail(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
                  f"{getattr(args, key)!r} now")
     if ckpt["progress"]["step"] > args.steps:
         fail(f"{path}: the checkpoint is at step {ckpt['progress']['step']}, beyond --steps {args.steps}")
@@ -252,12 +319,13 @@ def main(argv=None):
     is_gn = args.opt in GN_VARIANTS
     if is_gn:
         mode, prox = GN_VARIANTS[args.opt]
-        opt = GaussNewton(model, mode=mode, inner=args.inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                          weight_decay=args.weight_decay, prox_linear=prox, line_search=args.line_search,
-                          min_step_size=args.min_step_size, damping=args.damping, warm_start=not args.no_warm_start)
+        inner = "cg" if args.inner == "cg" else lambda named, lr: build_optimizer(args.inner, named, lr, args)
+        opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+                          prox_linear=prox, line_search=args.line_search, min_step_size=args.min_step_size,
+                          damping=args.damping, warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate)
         base_lr = args.inner_lr
     else:
-        opt = make_optimizer(args.opt, list(model.named_parameters()), lr=args.lr, weight_decay=args.weight_decay)
+        opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
         base_lr = args.lr
     base_lrs = [g["lr"] for g in opt.param_groups]
 
@@ -327,7 +395,7 @@ def main(argv=None):
     bar = tqdm(range(progress["step"] + 1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout,
                initial=progress["step"], total=args.steps, disable=not master)
     for step in bar:
-        factor = lr_factor(step - 1, args.steps, args.warmup)
+        factor = lr_factor(step - 1, args.steps, args.warmup, args.schedule)
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
         batches = draw(args.micro_batches)
