@@ -45,7 +45,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 # templates/gn-template.sbatch and adam-template.sbatch, EasyLM/models/llama/
 # llama_train_gn.py and llama_train_gn_layerwise.py). --recipe paper makes these
 # the defaults, so a flag given on the command line still wins. They started
-# every optimizer from one 1000-step AdamW checkpoint.
+# every optimizer from one 1000-step AdamW checkpoint (--init-from; compare.py's
+# GPU presets do).
 PAPER_RECIPE = {
     # Baselines: constant lr, no warmup, no weight decay, clip 1; Muon's
     # AdamW groups at Muon's own lr.
@@ -125,13 +126,18 @@ def parse_args(argv=None):
     p.add_argument("--stop-at-step", type=positive(int), default=None,
                    help="end the run after this step although the schedule spans --steps (compare.py stops "
                         "a learning rate there once another reached the target sooner)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model and the batches")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the model and the batches (with --init-from: the validation batches only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl and config.json")
     p.add_argument("--ckpt-every", type=int, default=None,
                    help="write DIR/ckpt.pt every N steps (default: every evaluation) and at the end")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its ckpt.pt")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its ckpt.pt")
+    start.add_argument("--init-from", default=None, metavar="CKPT",
+                       help="start from the weights of train.py's checkpoint CKPT (the same model) with a new "
+                            "optimizer and schedule; the training data continue where its run stopped")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the text sample printed at the end")
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
     gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
@@ -265,14 +271,28 @@ RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len"
                 "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema")
 
 
-def load_checkpoint(path, args, device):
+def read_checkpoint(path, model, args, device):
+    """The contents of train.py's checkpoint at path, whose weights must fit model.
+    A missing, unreadable or mismatched file ends the run with one line."""
     if not os.path.isfile(path):
-        fail(f"{path}: no checkpoint to resume from")
+        fail(f"{path}: no checkpoint there")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        shapes = {k: v.shape for k, v in ckpt["model"].items()}
         saved = ckpt["args"]
     except Exception as e:  # a truncated or foreign file: say so in one line
         fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if shapes != {k: v.shape for k, v in model.state_dict().items()}:
+        vocab = shapes["head.weight"][0] if "head.weight" in shapes else "?"
+        fail(f"{path}: the checkpoint's model (--model {saved.get('model')}, vocabulary {vocab}) does not match "
+             f"this run's (--model {args.model}, vocabulary {model.config.vocab_size})")
+    return ckpt
+
+
+def load_checkpoint(path, model, args, device):
+    """The checkpoint to resume from, written with the same run-defining options."""
+    ckpt = read_checkpoint(path, model, args, device)
+    saved = ckpt["args"]
     for key in RUN_DEFINING:
         if key in saved and saved[key] != getattr(args, key):  # a key absent from an older checkpoint had its default
             fail(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
@@ -314,6 +334,14 @@ def main(argv=None):
     if args.seq_len > config.block_size:
         fail(f"--seq-len {args.seq_len} exceeds the {args.model} model's context of {config.block_size}")
     model = GPT(config).to(device=device, dtype=DTYPES[args.dtype])
+    # Every rank draws the same global micro-batches and keeps its own rows.
+    train_batches = MicroBatches(data.train, args.batch_size, args.seq_len, seed=args.seed, device=device)
+    val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
+                               device=device)
+    if args.init_from:  # before the EMA and the optimizer copy the weights
+        ckpt = read_checkpoint(args.init_from, model, args, device)
+        model.load_state_dict(ckpt["model"])
+        train_batches.load_state_dict(ckpt["batches"])
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
 
     is_gn = args.opt in GN_VARIANTS
@@ -328,11 +356,6 @@ def main(argv=None):
         opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
         base_lr = args.lr
     base_lrs = [g["lr"] for g in opt.param_groups]
-
-    # Every rank draws the same global micro-batches and keeps its own rows.
-    train_batches = MicroBatches(data.train, args.batch_size, args.seq_len, seed=args.seed, device=device)
-    val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
-                               device=device)
     share = args.batch_size // world
 
     def draw(k):
@@ -345,10 +368,8 @@ def main(argv=None):
     if args.resume:
         if not args.out:
             fail("--resume needs --out DIR, the directory holding ckpt.pt")
-        ckpt = load_checkpoint(ckpt_path, args, device)
-        if ckpt["model"]["head.weight"].shape != model.head.weight.shape:
-            fail(f"{ckpt_path}: the checkpoint's vocabulary ({ckpt['model']['head.weight'].shape[0]}) "
-                 f"does not match the data's ({data.vocab_size})")
+        ckpt = load_checkpoint(ckpt_path, model, args, device)
+        args.init_from = ckpt["args"].get("init_from")  # config.json keeps where the run started
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         if ema is not None:
