@@ -418,7 +418,9 @@ def make_optimizer(name, named_params, lr, weight_decay=0.0, betas=None, **kwarg
     """Build optimizer `name` ("adamw", "muon", "soap" or "shampoo") for a list
     of (name, tensor) pairs. betas are Adam's (default: DEFAULT_BETAS[name]).
     Extra keyword arguments go to the optimizer's constructor; "muon" also
-    takes adamw_lr (default MUON_ADAMW_LR_RATIO * lr) for its AdamW groups."""
+    takes adamw_lr (default MUON_ADAMW_LR_RATIO * lr) for its AdamW groups and
+    muon_weight_decay (default weight_decay) for its hidden matrices (the GN
+    paper's inner Muon decays only the AdamW groups)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     named_params = list(named_params)
@@ -427,7 +429,8 @@ def make_optimizer(name, named_params, lr, weight_decay=0.0, betas=None, **kwarg
         params = [tensor for _, tensor in named_params]
         return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
     adamw_lr = kwargs.pop("adamw_lr", MUON_ADAMW_LR_RATIO * lr)
+    muon_weight_decay = kwargs.pop("muon_weight_decay", weight_decay)
     muon_named, adamw_named = split_muon_params(named_params)
-    groups = [dict(params=[t for _, t in muon_named], use_muon=True),
+    groups = [dict(params=[t for _, t in muon_named], use_muon=True, weight_decay=muon_weight_decay),
               dict(params=[t for _, t in adamw_named], use_muon=False, lr=adamw_lr)]
     return Muon([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)

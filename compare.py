@@ -19,7 +19,9 @@ reaches the target; a learning rate that has not reached it by the step where
 the best one so far did stops there, since it can no longer win (its schedule
 still spans the whole budget, so the runs it is compared with are unchanged).
 The target is the preset's (fixed in advance), or else the lowest final
-validation loss of any baseline run.
+validation loss of any baseline run. The GPU presets (45m, 150m) follow the
+authors' recipe (train.py --recipe paper) and start every run from the same
+AdamW warm-up, trained once (train.py --init-from).
 
 The batch sweep fits each optimizer's steps to target S against the batch B
 with the model of McCandlish et al. 2018, "An Empirical Model of Large-Batch
@@ -51,7 +53,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # A preset: the model and micro-batch shape, the micro-batches per outer step
 # of the headline comparison and of the batch sweep, the step budget at each
 # of those (the same for every optimizer), the target loss, the learning-rate
-# grids (GN: inner lr), the optimizers, and extra train.py options.
+# grids (GN: inner lr), the optimizers, extra train.py options, and optionally
+# a warm-up run (init) that every run starts from.
 CPU = dict(
     model="tiny", batch_size=16, seq_len=64, eval_batches=8, target_loss=2.35,
     micro_batches=64, batch_sweep=[4, 16, 64, 256], budget={4: 160, 16: 80, 64: 40, 256: 40},
@@ -66,23 +69,29 @@ CPU = dict(
     sweep_opts=["muon", "gn", "gn_layerwise"], seed_opts=["muon", "gn"],
     train_args=[], gn_args=[])
 
-# The paper's 45M and 150M recipes (DESIGN.md): 122 micro-batches of 32
-# sequences, inner Muon lr 0.01, weight decay 0.001, EMA 0.999 for GN, 227
-# outer steps. The paper also started GN from a 1000-step AdamW checkpoint;
-# this does not. No fixed target: the best baseline's final loss.
+# The paper's 45M and 150M setups (DESIGN.md) with the authors' recipe
+# (train.py --recipe paper): 122 micro-batches of 32 sequences, inner Muon lr
+# 0.01, 227 outer steps (the sweep's smaller batches get as many tokens), every
+# optimizer started from one AdamW warm-up of 1000 steps of 32 sequences, whose
+# data the runs continue. The authors' warm-up recipe is not in their code: it
+# runs train.py's own (warmup, cosine) at the middle of the AdamW grid. No
+# fixed target: the best baseline's final loss.
 PAPER = dict(
     batch_size=32, seq_len=1024, eval_batches=16, target_loss=None,
-    micro_batches=122, batch_sweep=[30, 61, 122], budget={30: 1000, 61: 1000, 122: 1000},
+    micro_batches=122, batch_sweep=[30, 61, 122], budget={m: round(227 * 122 / m) for m in (30, 61, 122)},
     opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"], sweep_opts=["muon", "gn"], seed_opts=[],
-    train_args=["--weight-decay", "0.001"], gn_args=["--ema", "0.999"])
+    train_args=["--recipe", "paper"], gn_args=[])
+PAPER_INIT = dict(opt="adamw", steps=1000, micro_batches=1)
 PAPER_GN_LR = {"gn": [0.01], "gn_layerwise": [0.01], "gn_prox": [0.01], "gn_layerwise_prox": [0.01]}
 
 PRESETS = {
     "cpu": CPU,
-    "45m": dict(PAPER, model="45m", lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [0.01, 0.02, 0.04],
-                                        "soap": [1.5e-3, 3e-3, 6e-3], "shampoo": [1e-3, 2e-3, 4e-3], **PAPER_GN_LR}),
-    "150m": dict(PAPER, model="150m", lrs={"adamw": [5e-4, 1e-3, 2e-3], "muon": [0.01, 0.02, 0.04],
-                                          "soap": [1e-3, 2e-3, 4e-3], "shampoo": [5e-4, 1e-3, 2e-3], **PAPER_GN_LR}),
+    "45m": dict(PAPER, model="45m", init=dict(PAPER_INIT, lr=2e-3),
+                lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [0.01, 0.02, 0.04],
+                     "soap": [1.5e-3, 3e-3, 6e-3], "shampoo": [1e-3, 2e-3, 4e-3], **PAPER_GN_LR}),
+    "150m": dict(PAPER, model="150m", init=dict(PAPER_INIT, lr=1e-3),
+                 lrs={"adamw": [5e-4, 1e-3, 2e-3], "muon": [0.01, 0.02, 0.04],
+                      "soap": [1e-3, 2e-3, 4e-3], "shampoo": [5e-4, 1e-3, 2e-3], **PAPER_GN_LR}),
     # A few seconds per run, for the tests: not a measurement.
     "smoke": dict(CPU, batch_size=4, seq_len=32, eval_batches=2, target_loss=None, micro_batches=2,
                   batch_sweep=[1, 2], budget={1: 4, 2: 4},
@@ -162,6 +171,7 @@ def parse_args(argv=None):
         args.out = os.path.join("runs", f"compare-{args.preset}")
     if args.data is not None:
         args.data = os.path.abspath(args.data)
+    args.init_from = None  # the warm-up's checkpoint, once main has run it
     return args
 
 
@@ -231,12 +241,29 @@ def train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, st
         argv += ["--target-loss", repr(target_loss)]
     if stop_at is not None and stop_at < steps:
         argv += ["--stop-at-step", str(stop_at)]
+    if args.init_from is not None:
+        argv += ["--init-from", args.init_from]
     return argv
 
 
-def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
-    """One train.py run in its own process (output in run_dir/train.log); returns its metrics and memory."""
-    argv = train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss, stop_at)
+def warm_up(args):
+    """Train the preset's warm-up (init) once; returns its checkpoint, which every run starts from."""
+    preset = PRESETS[args.preset]
+    init = preset["init"]
+    run_dir = os.path.join(args.out, "runs", f"init-{init['opt']}-lr{init['lr']:g}-steps{init['steps']}")
+    argv = ["--opt", init["opt"], "--lr", str(init["lr"]), "--model", preset["model"],
+            "--batch-size", str(preset["batch_size"]), "--seq-len", str(preset["seq_len"]),
+            "--micro-batches", str(init["micro_batches"]), "--steps", str(init["steps"]),
+            "--eval-batches", str(preset["eval_batches"]), "--seed", str(args.seed), "--device", args.device,
+            "--sample-tokens", "0", "--out", run_dir] + (["--data", args.data] if args.data is not None else [])
+    if launch(args, run_dir, argv) != 0:
+        raise RuntimeError(f"the warm-up run in {run_dir} diverged: every run would start from it")
+    return os.path.join(run_dir, "ckpt.pt")
+
+
+def launch(args, run_dir, argv):
+    """train.py with argv in its own process (output in run_dir/train.log), or the finished run already there
+    with the same argv; returns its exit code."""
     finished = os.path.join(run_dir, "finished.json")  # train.py's arguments and exit code of a finished run
     if os.path.exists(finished) and json.load(open(finished))["argv"] == argv:
         print(f"reusing the finished run in {run_dir}", flush=True)
@@ -246,7 +273,8 @@ def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, sto
         for stale in (finished, os.path.join(run_dir, "memory.json")):
             if os.path.exists(stale):
                 os.remove(stale)
-        print(f"start  {os.path.basename(run_dir)}" + (f" (stops by step {stop_at})" if stop_at else ""), flush=True)
+        stop = f" (stops by step {argv[argv.index('--stop-at-step') + 1]})" if "--stop-at-step" in argv else ""
+        print(f"start  {os.path.basename(run_dir)}{stop}", flush=True)
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(os.path.join(run_dir, "train.log"), "w") as log:
@@ -260,6 +288,12 @@ def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, sto
             raise RuntimeError(f"the run in {run_dir} stopped with exit code {code}; rerun to continue")
         with open(finished, "w") as f:
             json.dump({"argv": argv, "exit_code": code}, f)
+    return code
+
+
+def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+    """One run of the comparison (see launch); returns its metrics and memory."""
+    code = launch(args, run_dir, train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss, stop_at))
     memory = {}
     if os.path.exists(os.path.join(run_dir, "memory.json")):
         with open(os.path.join(run_dir, "memory.json")) as f:
@@ -511,6 +545,8 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
     try:
+        if "init" in preset:
+            args.init_from = warm_up(args)
         if args.batch_sweep:
             results, best_runs = batch_sweep(args, args.target_loss)
             print("\n" + batch_table(results))
@@ -524,7 +560,7 @@ def main(argv=None):
             return results
         mb = preset["micro_batches"]
         target, best, best_runs, summaries = compare(args, mb, args.target_loss)
-    except RuntimeError as e:
+    except (RuntimeError, RunRejected) as e:
         fail(str(e))
     results = {"target_loss": target, "preset": args.preset,
                "target_rule": "preset's" if preset["target_loss"] is not None and args.target_loss == target

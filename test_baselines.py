@@ -373,3 +373,14 @@ def test_make_optimizer_types_and_unknown_name():
     assert set(DEFAULT_LR) == set(expected)
     with pytest.raises(ValueError, match="adamw, muon, soap, shampoo"):
         make_optimizer("sgd", named, 0.1)
+
+
+def test_muon_weight_decay_applies_to_the_hidden_matrices_and_weight_decay_to_the_adamw_groups():
+    """With zero gradients a step is decay alone: p ← (1 − lr·wd)·p."""
+    named = [("blocks.0.mlp.up.weight", torch.ones(8, 4)), ("embed.weight", torch.ones(5, 4)),
+             ("norm.weight", torch.ones(4))]
+    opt = make_optimizer("muon", named, lr=0.1, weight_decay=0.5, muon_weight_decay=0.0, adamw_lr=0.2)
+    for _, t in named:
+        t.grad = torch.zeros_like(t)
+    opt.step()
+    assert [t.unique().item() for _, t in named] == pytest.approx([1.0, 0.9, 0.9])

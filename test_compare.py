@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import compare
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -108,6 +109,30 @@ def test_sweep_stops_later_lrs_at_the_best_step_and_extends_a_grid_at_its_edge(t
     runs = compare.sweep(args, "gn", 64, 2.5, grid=(0.01, 0.02, 0.04))
     assert calls == [(0.02, None), (0.01, 8), (0.04, 8), (0.08, 5)]
     assert compare.best_of([compare.summarize(r, 2.5) for r in runs])["lr"] == 0.04
+
+
+def test_gpu_presets_start_every_run_from_one_warm_up_with_the_papers_recipe(tmp_path, monkeypatch):
+    """A fake launch checks that train.py accepts every run's arguments and writes one evaluation."""
+    runs = []
+
+    def fake_launch(args, run_dir, argv):
+        runs.append(train.parse_args(argv))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "tokens": 1, "time_s": 1.0, "val_loss": 3.0 + len(runs) / 100}) + "\n")
+        return 0
+    monkeypatch.setattr(compare, "launch", fake_launch)
+    compare.main(["--preset", "45m", "--opts", "adamw,muon,gn,gn_layerwise", "--out", str(tmp_path)])
+    warm_ups = [r for r in runs if r.init_from is None]
+    assert len(warm_ups) == 1 and len(runs) == 1 + 3 + 3 + 1 + 1  # the warm-up, then each optimizer's lr grid
+    init = warm_ups[0]
+    assert (init.opt, init.steps, init.micro_batches, init.batch_size, init.recipe) == ("adamw", 1000, 1, 32, "ours")
+    for run in runs[1:]:
+        assert run.init_from == os.path.join(init.out, "ckpt.pt") and run.recipe == "paper"
+        assert (run.micro_batches, run.steps) == (122, 227)
+    # The cpu preset runs from scratch with train.py's own recipe, as before.
+    argv = compare.train_argv(compare.parse_args(["--preset", "cpu"]), "dir", "gn", 0.01, 64, seed=0)
+    assert "--recipe" not in argv and "--init-from" not in argv
 
 
 @pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--preset", "smoke", "--opts", "gn"],

@@ -1,5 +1,7 @@
 """Tests of train.py end to end: metrics and config files, learning, bad input,
-exact resume after Ctrl-C, non-finite steps, and data parallelism under torchrun."""
+exact resume after Ctrl-C, the paper's recipe, starting from another run's
+checkpoint, non-finite steps, and data parallelism under torchrun."""
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +14,9 @@ import torch
 
 import train
 from baselines import make_optimizer
+from data import MicroBatches, load_dataset
 from gn import GaussNewton
-from model import GPT, GPTConfig
+from model import GPT, PRESETS, GPTConfig
 
 SMALL_RUN = ["--steps", "3", "--micro-batches", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "1",
              "--eval-batches", "2", "--sample-tokens", "0"]
@@ -128,6 +131,106 @@ def test_missing_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
     result = run_train(*SMALL_RUN, "--out", str(tmp_path), "--resume")
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# The authors' settings (github.com/natalieabreu/full-gauss-newton: templates/*.sbatch,
+# EasyLM/models/llama/llama_train_gn*.py), restated here so that PAPER_RECIPE has to agree with them.
+AUTHORS = {
+    "adamw": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, ema=0.0),
+    "muon": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, adamw_lr_ratio=1.0),
+    "gn": dict(schedule="constant", warmup=0, inner="muon", adamw_lr_ratio=1.0, betas=(0.9, 0.999),
+               weight_decay=0.001, muon_weight_decay=0.0, keep_iterate=True, no_warm_start=False, ema=0.999,
+               line_search="grid", min_step_size=2 ** -2, ls_micro_batches=8),  # as many as the inner loop's
+}
+AUTHORS["gn_layerwise"] = dict(AUTHORS["gn"], min_step_size=2 ** (-9 / 2))
+
+
+@pytest.mark.parametrize("opt", list(AUTHORS))
+def test_paper_recipe_sets_the_authors_values_and_given_flags_win(opt):
+    paper = vars(train.parse_args(["--recipe", "paper", "--opt", opt]))
+    assert {k: paper[k] for k in AUTHORS[opt]} == AUTHORS[opt]
+    recipe = train.paper_recipe(opt)
+    assert {k: paper[k] for k in recipe} == recipe
+    ours = vars(train.parse_args(["--opt", opt]))
+    assert {k for k in recipe if ours[k] != recipe[k]} >= {"schedule", "adamw_lr_ratio"}
+    # A flag given on the command line wins over the recipe; the rest of the recipe stays.
+    given = vars(train.parse_args(["--recipe", "paper", "--opt", opt, "--schedule", "cosine", "--weight-decay", "0.1"]
+                                  + (["--no-keep-iterate", "--ls-micro-batches", "3"] if opt.startswith("gn") else [])))
+    assert given["schedule"] == "cosine" and given["weight_decay"] == 0.1
+    assert given["adamw_lr_ratio"] == 1.0
+    if opt.startswith("gn"):
+        assert not given["keep_iterate"] and given["ls_micro_batches"] == 3 and given["ema"] == 0.999
+
+
+@pytest.mark.parametrize("opt", ["muon", "gn"])
+def test_init_from_starts_at_the_checkpoints_weights_with_fresh_state_and_continues_its_data(opt, tmp_path,
+                                                                                               monkeypatch):
+    """A run from another's checkpoint: that run's weights (and the EMA's start), a new optimizer whose
+    groups follow the recipe, a new constant schedule from step 1, and the training batches that come
+    after the ones the checkpoint's run drew."""
+    first = tmp_path / "first"
+    train.main(["--opt", opt, *SMALL_RUN, "--steps", "2", "--out", str(first)])
+    saved = torch.load(first / "ckpt.pt", weights_only=True)
+    steps = []  # before each step: the weights, the optimizer's state and its param groups
+    first_order_step, gn_step = train.first_order_step, GaussNewton.step
+
+    def record(model, state, groups):
+        steps.append(({k: v.clone() for k, v in model.state_dict().items()}, state, [dict(g) for g in groups]))
+
+    def record_first_order(model, opt, *a):
+        record(model, dict(opt.state), opt.param_groups)
+        return first_order_step(model, opt, *a)
+
+    def record_gn(self, *a):  # GN's state: the inner optimizers', the outer steps, the inner iterate at the weights
+        state = ([dict(o.state) for o in self.inner_opts], self.outer_steps,
+                 all(torch.equal(t, self.named[n]) for n, t in self.iterate.items()))
+        record(self.model, state, [g for o in self.inner_opts for g in o.param_groups])
+        return gn_step(self, *a)
+    monkeypatch.setattr(train, "first_order_step", record_first_order)
+    monkeypatch.setattr(GaussNewton, "step", record_gn)
+    second = tmp_path / "second"
+    train.main(["--opt", opt, *SMALL_RUN, "--steps", "2", "--recipe", "paper", "--ema", "0.5",
+                "--init-from", str(first / "ckpt.pt"), "--out", str(second)])
+
+    weights, state, groups = steps[0]
+    assert weights.keys() == saved["model"].keys()
+    assert all(torch.equal(weights[k], saved["model"][k]) for k in saved["model"])
+    if opt == "muon":
+        assert state == {}
+    else:  # the kept inner iterate starts at the checkpoint's weights too
+        assert state == ([{}], 0, True)
+        assert {g["betas"] for g in groups if not g["use_muon"]} == {(0.9, 0.999)}
+        assert all(g["weight_decay"] == (0.0 if g["use_muon"] else 0.001) for g in groups)
+    assert {g["use_muon"] for g in groups} == {True, False} and len({g["lr"] for g in groups}) == 1
+
+    records = read_metrics(second)
+    assert [r["step"] for r in records] == [1, 2] and 2 * records[0]["tokens"] == records[1]["tokens"]
+    base = train.parse_args(["--opt", opt])
+    assert records[0]["lr"] == records[1]["lr"] == (base.inner_lr if opt.startswith("gn") else base.lr)
+    end = torch.load(second / "ckpt.pt", weights_only=True)
+    for k, start in saved["model"].items():  # the EMA started at the checkpoint's weights
+        assert torch.allclose(end["ema"][k], start.lerp(steps[1][0][k], 0.5).lerp(end["model"][k], 0.5))
+    # The batches: the checkpoint's run drew 2 steps' worth, this run 2 more.
+    runs = [train.parse_args(["--opt", opt, *SMALL_RUN, *recipe]) for recipe in ([], ["--recipe", "paper"])]
+    stream = MicroBatches(load_dataset().train, 4, 16, seed=0)
+    stream.draw(sum(2 * (a.micro_batches + (a.ls_micro_batches if opt.startswith("gn") else 0)) for a in runs))
+    assert torch.equal(end["batches"]["generator"], stream.state_dict()["generator"])
+
+
+def test_bad_init_from_gives_one_line_and_exit_code_2(tmp_path, capsys):
+    other = tmp_path / "other.pt"  # a checkpoint of a model with another vocabulary
+    model = GPT(dataclasses.replace(PRESETS["tiny"], vocab_size=300))
+    torch.save({"model": model.state_dict(), "args": {"model": "tiny"}, "batches": None}, other)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for argv, message in [(["--init-from", str(tmp_path / "none.pt")], "no checkpoint"),
+                          (["--init-from", str(garbage)], "not a readable checkpoint"),
+                          (["--init-from", str(other)], "vocabulary 300) does not match"),
+                          (["--init-from", str(other), "--resume", "--out", str(tmp_path)], "not allowed with")]:
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, *SMALL_RUN])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.parametrize("opt", ["gn_layerwise", "muon"])

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from baselines import DEFAULT_LR, make_optimizer
+from baselines import DEFAULT_LR, MUON_ADAMW_LR_RATIO, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
 from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean
 from model import GPT, PRESETS
@@ -41,11 +41,47 @@ GN_VARIANTS = {  # name: (mode, prox_linear)
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
+# The authors' recipe for the 45M model (github.com/natalieabreu/full-gauss-newton:
+# templates/gn-template.sbatch and adam-template.sbatch, EasyLM/models/llama/
+# llama_train_gn.py and llama_train_gn_layerwise.py). --recipe paper makes these
+# the defaults, so a flag given on the command line still wins. They started
+# every optimizer from one 1000-step AdamW checkpoint (--init-from; compare.py's
+# GPU presets do).
+PAPER_RECIPE = {
+    # Baselines: constant lr, no warmup, no weight decay, clip 1; Muon's
+    # AdamW groups at Muon's own lr.
+    "first_order": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, adamw_lr_ratio=1.0),
+    # GN: the inner lr stays the same across outer steps (a cosine only inside
+    # each); inner Muon's AdamW groups (embedding, head, gains) at Muon's lr
+    # with betas (0.9, 0.999) and the only weight decay; the inner iterate and
+    # state kept; EMA 0.999 per outer step; the line search takes the best of
+    # 2^(-i/2), i < 5, on as many fresh micro-batches as the inner loop used
+    # (gn.py's grid also offers η = 0 and, when η* lies lower, halvings down
+    # to η*/2; the authors' always steps).
+    "gauss_newton": dict(schedule="constant", adamw_lr_ratio=1.0, betas=(0.9, 0.999), weight_decay=0.001,
+                         muon_weight_decay=0.0, keep_iterate=True, ema=0.999, line_search="grid",
+                         min_step_size=2 ** -2, ls_fraction=1.0),
+    # Layerwise GN on top of gauss_newton's: the grid reaches 2^(-i/2), i < 10.
+    "layerwise": dict(min_step_size=2 ** -4.5),
+}
 
-def default_ls_micro_batches(micro_batches):
-    """A sixteenth of the inner loop's micro-batches: at 64 inner micro-batches on tiny, 4 to 64
-    line-search micro-batches trained alike (README, How GN works)."""
-    return max(1, micro_batches // 16)
+
+def paper_recipe(opt):
+    """PAPER_RECIPE's settings for optimizer opt."""
+    if opt not in GN_VARIANTS:
+        return PAPER_RECIPE["first_order"]
+    layerwise = PAPER_RECIPE["layerwise"] if GN_VARIANTS[opt][0] == "layerwise" else {}
+    return {**PAPER_RECIPE["gauss_newton"], **layerwise}
+
+
+# GN's line search takes this fraction of the inner loop's micro-batches: at
+# 64 inner micro-batches on tiny, 4 to 64 line-search micro-batches trained
+# alike (README, "Defaults these runs set").
+LS_FRACTION = 1 / 16
+
+
+def default_ls_micro_batches(micro_batches, fraction=LS_FRACTION):
+    return max(1, int(micro_batches * fraction))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -76,10 +112,23 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=positive(int), default=64, help="tokens per sequence")
     p.add_argument("--lr", type=positive(float), default=None,
                    help="peak learning rate of a first-order optimizer (default: tuned per optimizer)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    p.add_argument("--recipe", default="ours", choices=["ours", "paper"],
+                   help="paper: the authors' settings (PAPER_RECIPE in train.py) as defaults; flags given still win")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay (Gauss-Newton: its inner optimizer's)")
+    p.add_argument("--muon-weight-decay", type=float, default=None,
+                   help="weight decay of Muon's hidden matrices (default: --weight-decay; the paper's inner Muon: 0)")
+    p.add_argument("--adamw-lr-ratio", type=positive(float), default=MUON_ADAMW_LR_RATIO,
+                   help=f"lr of Muon's AdamW groups (embedding, head, gains) as a fraction of Muon's "
+                        f"(default {MUON_ADAMW_LR_RATIO})")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
+                   help="Adam's betas (Gauss-Newton: its inner optimizer's; default: per optimizer, baselines.py)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="first-order global gradient-norm clip (0: off)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="the lr after warmup, across outer steps: cosine decay to 10%% or constant (Gauss-Newton: "
+                        "its inner lr, which also follows a cosine inside every outer step)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="linear warmup steps before the cosine decay (default: 5%% of steps)")
+                   help="linear warmup steps before the schedule (default: 5%% of steps, 0 for Gauss-Newton)")
     p.add_argument("--eval-every", type=positive(int), default=None, help="evaluate every N steps (default: steps/10)")
     p.add_argument("--eval-batches", type=positive(int), default=8, help="validation micro-batches per evaluation")
     p.add_argument("--target-loss", type=float, default=None,
@@ -87,13 +136,18 @@ def parse_args(argv=None):
     p.add_argument("--stop-at-step", type=positive(int), default=None,
                    help="end the run after this step although the schedule spans --steps (compare.py stops "
                         "a learning rate there once another reached the target sooner)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model and the batches")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the model and the batches (with --init-from: the validation batches only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl and config.json")
     p.add_argument("--ckpt-every", type=int, default=None,
                    help="write DIR/ckpt.pt every N steps (default: every evaluation) and at the end")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its ckpt.pt")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its ckpt.pt")
+    start.add_argument("--init-from", default=None, metavar="CKPT",
+                       help="start from the weights of train.py's checkpoint CKPT (the same model) with a new "
+                            "optimizer and schedule; the training data continue where its run stopped")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the text sample printed at the end")
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
     gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
@@ -102,7 +156,9 @@ def parse_args(argv=None):
     gn.add_argument("--inner-steps", type=positive(int), default=None,
                     help="inner steps per outer step (default: one per micro-batch)")
     gn.add_argument("--ls-micro-batches", type=positive(int), default=None,
-                    help="fresh micro-batches for the line search (default: a sixteenth of --micro-batches)")
+                    help="fresh micro-batches for the line search (default: --ls-fraction of --micro-batches)")
+    gn.add_argument("--ls-fraction", type=positive(float), default=LS_FRACTION,
+                    help="the default --ls-micro-batches as a fraction of --micro-batches (default 1/16; the paper's: 1)")
     gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
                     help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
                          "backtracking, none")
@@ -113,9 +169,14 @@ def parse_args(argv=None):
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
     gn.add_argument("--no-warm-start", action="store_true", help="reset the inner optimizer's state every outer step")
+    gn.add_argument("--keep-iterate", action=argparse.BooleanOptionalAction, default=False,
+                    help="start each inner loop where the last one ended instead of at the weights (the paper's)")
     gn.add_argument("--ema", type=float, default=0.0,
                     help="evaluate an exponential moving average of the weights with this decay (paper: 0.999)")
     args = p.parse_args(argv)
+    if args.recipe == "paper":
+        p.set_defaults(**paper_recipe(args.opt))
+        args = p.parse_args(argv)
     is_gn = args.opt in GN_VARIANTS
     if is_gn and args.lr is not None:
         p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
@@ -134,7 +195,11 @@ def parse_args(argv=None):
     if args.inner_lr is None and is_gn:
         args.inner_lr = GN_INNER_LR[args.inner]
     if args.ls_micro_batches is None:
-        args.ls_micro_batches = default_ls_micro_batches(args.micro_batches)
+        args.ls_micro_batches = default_ls_micro_batches(args.micro_batches, args.ls_fraction)
+    if args.betas is not None:
+        args.betas = tuple(args.betas)  # a list from the command line, a tuple from the recipe: compare equal
+        if not all(0 <= b < 1 for b in args.betas):
+            p.error(f"--betas must lie in [0, 1), got {args.betas[0]} {args.betas[1]}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must lie in [0, 1), got {args.ema}")
     if args.stop_at_step is not None and args.stop_at_step > args.steps:
@@ -151,10 +216,12 @@ def parse_args(argv=None):
 GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
 
 
-def lr_factor(step, steps, warmup):
-    """Linear warmup, then cosine decay to 10% of the peak (step counts from 0)."""
+def lr_factor(step, steps, warmup, schedule="cosine"):
+    """Linear warmup, then cosine decay to 10% of the peak or constant (step counts from 0)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -165,6 +232,15 @@ def evaluate(model, batches):
     loss = sum(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item() for x, y in batches)
     model.train()
     return loss / len(batches)
+
+
+def build_optimizer(name, named_params, lr, args):
+    """make_optimizer with the command line's weight decay, betas and Muon options."""
+    muon = {}
+    if name == "muon":
+        matrices = args.weight_decay if args.muon_weight_decay is None else args.muon_weight_decay
+        muon = dict(adamw_lr=args.adamw_lr_ratio * lr, muon_weight_decay=matrices)
+    return make_optimizer(name, named_params, lr=lr, weight_decay=args.weight_decay, betas=args.betas, **muon)
 
 
 def first_order_step(model, opt, batches, grad_clip):
@@ -202,22 +278,37 @@ def write_atomic(path, write):
 
 
 # Options that define the run: a resumed run must be given the same ones.
-RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay", "grad_clip",
-                "warmup", "eval_batches", "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches",
-                "line_search", "combine", "min_step_size", "damping", "no_warm_start", "ema")
+RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
+                "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
+                "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "line_search", "combine",
+                "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema")
 
 
-def load_checkpoint(path, args, device):
+def read_checkpoint(path, model, args, device):
+    """The contents of train.py's checkpoint at path, whose weights must fit model.
+    A missing, unreadable or mismatched file ends the run with one line."""
     if not os.path.isfile(path):
-        fail(f"{path}: no checkpoint to resume from")
+        fail(f"{path}: no checkpoint there")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        shapes = {k: v.shape for k, v in ckpt["model"].items()}
         saved = ckpt["args"]
     except Exception as e:  # a truncated or foreign file: say so in one line
         fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if shapes != {k: v.shape for k, v in model.state_dict().items()}:
+        vocab = shapes["head.weight"][0] if "head.weight" in shapes else "?"
+        fail(f"{path}: the checkpoint's model (--model {saved.get('model')}, vocabulary {vocab}) does not match "
+             f"this run's (--model {args.model}, vocabulary {model.config.vocab_size})")
+    return ckpt
+
+
+def load_checkpoint(path, model, args, device):
+    """The checkpoint to resume from, written with the same run-defining options."""
+    ckpt = read_checkpoint(path, model, args, device)
+    saved = ckpt["args"]
     for key in RUN_DEFINING:
-        if saved.get(key) != getattr(args, key):
-            fail(f"{path}: --{key.replace('_', '-')} was {saved.get(key)!r} in the checkpoint, "
+        if key in saved and saved[key] != getattr(args, key):  # a key absent from an older checkpoint had its default
+            fail(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
                  f"{getattr(args, key)!r} now")
     if ckpt["progress"]["step"] > args.steps:
         fail(f"{path}: the checkpoint is at step {ckpt['progress']['step']}, beyond --steps {args.steps}")
@@ -256,25 +347,29 @@ def main(argv=None):
     if args.seq_len > config.block_size:
         fail(f"--seq-len {args.seq_len} exceeds the {args.model} model's context of {config.block_size}")
     model = GPT(config).to(device=device, dtype=DTYPES[args.dtype])
+    # Every rank draws the same global micro-batches and keeps its own rows.
+    train_batches = MicroBatches(data.train, args.batch_size, args.seq_len, seed=args.seed, device=device)
+    val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
+                               device=device)
+    if args.init_from:  # before the EMA and the optimizer copy the weights
+        ckpt = read_checkpoint(args.init_from, model, args, device)
+        model.load_state_dict(ckpt["model"])
+        train_batches.load_state_dict(ckpt["batches"])
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
 
     is_gn = args.opt in GN_VARIANTS
     if is_gn:
         mode, prox = GN_VARIANTS[args.opt]
-        opt = GaussNewton(model, mode=mode, inner=args.inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                          weight_decay=args.weight_decay, prox_linear=prox, line_search=args.line_search,
-                          min_step_size=args.min_step_size, damping=args.damping, warm_start=not args.no_warm_start,
+        inner = "cg" if args.inner == "cg" else lambda named, lr: build_optimizer(args.inner, named, lr, args)
+        opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+                          prox_linear=prox, line_search=args.line_search, min_step_size=args.min_step_size,
+                          damping=args.damping, warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate,
                           combine=args.combine)
         base_lr = args.inner_lr
     else:
-        opt = make_optimizer(args.opt, list(model.named_parameters()), lr=args.lr, weight_decay=args.weight_decay)
+        opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
         base_lr = args.lr
     base_lrs = [g["lr"] for g in opt.param_groups]
-
-    # Every rank draws the same global micro-batches and keeps its own rows.
-    train_batches = MicroBatches(data.train, args.batch_size, args.seq_len, seed=args.seed, device=device)
-    val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
-                               device=device)
     share = args.batch_size // world
 
     def draw(k):
@@ -287,10 +382,8 @@ def main(argv=None):
     if args.resume:
         if not args.out:
             fail("--resume needs --out DIR, the directory holding ckpt.pt")
-        ckpt = load_checkpoint(ckpt_path, args, device)
-        if ckpt["model"]["head.weight"].shape != model.head.weight.shape:
-            fail(f"{ckpt_path}: the checkpoint's vocabulary ({ckpt['model']['head.weight'].shape[0]}) "
-                 f"does not match the data's ({data.vocab_size})")
+        ckpt = load_checkpoint(ckpt_path, model, args, device)
+        args.init_from = ckpt["args"].get("init_from")  # config.json keeps where the run started
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         if ema is not None:
@@ -337,7 +430,7 @@ def main(argv=None):
     bar = tqdm(range(progress["step"] + 1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout,
                initial=progress["step"], total=args.steps, disable=not master)
     for step in bar:
-        factor = lr_factor(step - 1, args.steps, args.warmup)
+        factor = lr_factor(step - 1, args.steps, args.warmup, args.schedule)
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
         batches = draw(args.micro_batches)
