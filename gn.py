@@ -231,7 +231,7 @@ def cosine_factor(k, n):
 # 4. Line search along the direction d.
 # ---------------------------------------------------------------------------
 
-LINE_SEARCHES = ("model", "grid", "backtracking", "none")
+LINE_SEARCHES = ("model", "grid", "backtracking", "none", "paper")
 
 
 def step_size_grid(smallest):
@@ -341,13 +341,20 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     grid: the lowest loss over `step_size_grid(smallest)` and η = 0.
     backtracking: halve η from 1 until the Armijo condition holds.
     none: η = 1, unless the loss there is not finite.
-    Every rule tries steps down to min(smallest, η*/2).
+    Every rule above tries steps down to min(smallest, η*/2).
+    paper: the authors' rule, exactly: the lowest loss over 2^(-k/2) ≥ smallest
+        (k = 0, 1, ...); it always steps, unless no loss is finite.
     model_along_d: (ℓ(θ0), slope, curvature) when already known, as from a span model.
     Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
     """
     loss0, slope, curvature = model_along_d or directional_model(model, params, d, ls_batches, H)
     if not all(math.isfinite(v) for v in (loss0, slope, curvature)):
         return 0.0, loss0, loss0, slope, curvature
+    if method == "paper":
+        grid = [2 ** (-k / 2) for k in range(64) if 2 ** (-k / 2) >= smallest]
+        losses = [(loss_at(model, params, d, eta, ls_batches, H), eta) for eta in grid]
+        best_loss, best_eta = min([(loss, eta) for loss, eta in losses if math.isfinite(loss)], default=(loss0, 0.0))
+        return best_eta, loss0, best_loss, slope, curvature
     # Reach below the floor when the model's own step lies there: a layerwise
     # direction summed from many inner steps can overshoot by far more than
     # the number of blocks.

@@ -629,11 +629,27 @@ def test_span_step_lands_on_least_squares_where_one_step_size_cannot(combine):
         assert loss > optimum * (1 + 1e-3)
 
 
+def test_papers_rule_takes_the_best_half_power_and_always_steps():
+    """Along an ascent direction the grid rejects (η = 0) while the authors' rule still takes the
+    least bad point of 1, 2^-1/2, ..., down to the floor; along descent both pick the grid's best."""
+    model, params, d, batches = linear_problem("mse", seed=10)
+    if directional_model(model, params, d, batches, MeanSquaredError)[1] < 0:
+        d = {k: -v for k, v in d.items()}  # make d an ascent direction
+    eta, loss0, loss1, _, _ = line_search(model, params, d, batches, MeanSquaredError, "paper", 2 ** -4.5)
+    assert eta == 2 ** -4.5 and loss1 > loss0  # the smallest of the ten points, and a worse loss
+    assert line_search(model, params, d, batches, MeanSquaredError, "grid", 2 ** -4.5)[0] == 0.0
+    d = {k: -3 * v for k, v in d.items()}
+    grid = [2 ** (-k / 2) for k in range(10)]
+    losses = [loss_along(model, params, d, batches[0], "mse", eta).item() for eta in grid]
+    eta = line_search(model, params, d, batches, MeanSquaredError, "paper", 2 ** -4.5)[0]
+    assert eta == grid[losses.index(min(losses))]
+
+
 def test_bad_arguments_raise_clear_errors():
     model = tiny_transformer()
     with pytest.raises(ValueError, match="mode"):
         GaussNewton(model, mode="diagonal")
-    with pytest.raises(ValueError, match="model, grid, backtracking, none"):
+    with pytest.raises(ValueError, match="model, grid, backtracking, none, paper"):
         GaussNewton(model, line_search="wolfe")
     with pytest.raises(ValueError, match="sum, span"):
         GaussNewton(model, combine="blockwise")

@@ -140,7 +140,7 @@ AUTHORS = {
     "muon": dict(schedule="constant", warmup=0, weight_decay=0.0, grad_clip=1.0, adamw_lr_ratio=1.0),
     "gn": dict(schedule="constant", warmup=0, inner="muon", adamw_lr_ratio=1.0, betas=(0.9, 0.999),
                weight_decay=0.001, muon_weight_decay=0.0, keep_iterate=True, no_warm_start=False, ema=0.999,
-               line_search="grid", min_step_size=2 ** -2, ls_micro_batches=8),  # as many as the inner loop's
+               line_search="paper", min_step_size=2 ** -2, ls_micro_batches=8),  # as many as the inner loop's
 }
 AUTHORS["gn_layerwise"] = dict(AUTHORS["gn"], min_step_size=2 ** (-9 / 2))
 

@@ -55,11 +55,10 @@ PAPER_RECIPE = {
     # each); inner Muon's AdamW groups (embedding, head, gains) at Muon's lr
     # with betas (0.9, 0.999) and the only weight decay; the inner iterate and
     # state kept; EMA 0.999 per outer step; the line search takes the best of
-    # 2^(-i/2), i < 5, on as many fresh micro-batches as the inner loop used
-    # (gn.py's grid also offers η = 0 and, when η* lies lower, halvings down
-    # to η*/2; the authors' always steps).
+    # 2^(-i/2), i < 5, and always steps (gn.py's "paper" rule), on as many
+    # fresh micro-batches as the inner loop used.
     "gauss_newton": dict(schedule="constant", adamw_lr_ratio=1.0, betas=(0.9, 0.999), weight_decay=0.001,
-                         muon_weight_decay=0.0, keep_iterate=True, ema=0.999, line_search="grid",
+                         muon_weight_decay=0.0, keep_iterate=True, ema=0.999, line_search="paper",
                          min_step_size=2 ** -2, ls_fraction=1.0),
     # Layerwise GN on top of gauss_newton's: the grid reaches 2^(-i/2), i < 10.
     "layerwise": dict(min_step_size=2 ** -4.5),
@@ -160,8 +159,8 @@ def parse_args(argv=None):
     gn.add_argument("--ls-fraction", type=positive(float), default=LS_FRACTION,
                     help="the default --ls-micro-batches as a fraction of --micro-batches (default 1/16; the paper's: 1)")
     gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
-                    help="step-size rule: model (the GN model's own step, verified), grid (the paper's), "
-                         "backtracking, none")
+                    help="step-size rule: model (the GN model's own step, verified), grid (the paper's points, "
+                         "may reject), backtracking, none, paper (the authors' rule: the grid's best, always steps)")
     gn.add_argument("--combine", default="sum", choices=COMBINES,
                     help="layerwise: one step size for the summed block directions (sum) or one per block "
                          "from the full GN model over their span (span)")
