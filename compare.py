@@ -86,10 +86,10 @@ PAPER_GN_LR = {"gn": [0.01], "gn_layerwise": [0.01], "gn_prox": [0.01], "gn_laye
 
 PRESETS = {
     "cpu": CPU,
-    "45m": dict(PAPER, model="45m", init=dict(PAPER_INIT, lr=2e-3),
+    "45m": dict(PAPER, model="paper45m", init=dict(PAPER_INIT, lr=2e-3),
                 lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [0.01, 0.02, 0.04],
                      "soap": [1.5e-3, 3e-3, 6e-3], "shampoo": [1e-3, 2e-3, 4e-3], **PAPER_GN_LR}),
-    "150m": dict(PAPER, model="150m", init=dict(PAPER_INIT, lr=1e-3),
+    "150m": dict(PAPER, model="paper150m", init=dict(PAPER_INIT, lr=1e-3),
                  lrs={"adamw": [5e-4, 1e-3, 2e-3], "muon": [0.01, 0.02, 0.04],
                       "soap": [1e-3, 2e-3, 4e-3], "shampoo": [5e-4, 1e-3, 2e-3], **PAPER_GN_LR}),
     # A few seconds per run, for the tests: not a measurement.
