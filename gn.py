@@ -422,8 +422,10 @@ class GaussNewton(torch.optim.Optimizer):
     line_search: "model" (the full GN model's own step, verified: on tiny
         it beat the paper's grid per step for full GN, was steadier across
         inner lrs for layerwise, and costs one forward pass instead of five
-        or more), "grid", "backtracking" or "none". min_step_size: the
-        smallest step tried unless η* lies lower (layerwise blocks each solve
+        or more), "grid", "backtracking", "none" or "paper" (the authors'
+        rule: the grid's best, always a step; see `line_search`).
+        min_step_size: the smallest step tried (below it only when η* lies
+        lower, and never for "paper"; layerwise blocks each solve
         their own quadratic as if the others stood still, so their sum
         overshoots: the step often has to be about 1/number of blocks).
     damping: λ, adds λ/2‖Δ‖² to each quadratic.
