@@ -23,9 +23,9 @@ a full-GN inner step near 5/3 of a training step.
 times whole outer steps instead, interleaved, on the same K micro-batches of
 the embedded corpus (K = 32 on tiny): a first-order one (Muon: gradients accumulated over the K
 micro-batches, clipping, the optimizer step), a full-GN and a layerwise-GN one
-(K inner steps with inner Muon, then the line search on K/16 fresh
-micro-batches, train.py's default), a layerwise one with --combine span, and
-the line search inside the full-GN step.
+(K inner steps with inner Muon, then the line search on K/4 fresh
+micro-batches: train.py's default, --ls-fraction sets it), a layerwise one
+with --combine span, and the line search inside the full-GN step.
 """
 import argparse
 import json
@@ -43,7 +43,7 @@ from baselines import make_optimizer
 from data import MicroBatches, load_dataset
 from gn import GaussNewton
 from model import GPT, PRESETS
-from train import default_ls_micro_batches, first_order_step
+from train import LS_FRACTION, default_ls_micro_batches, first_order_step
 
 # model preset, sequences per micro-batch, sequence length, timed repeats, CPU threads.
 # tiny's matmuls are too small to gain from a second thread, and when another
@@ -111,7 +111,7 @@ def setup(preset, device, dtype, seed=0):
     return model, fns, len(layerwise.blocks)
 
 
-def outer_steps(preset, device, dtype, k, seed=0):
+def outer_steps(preset, device, dtype, k, ls_micro_batches, seed=0):
     """Functions that each take one whole outer step on the same k micro-batches from the same weights.
 
     Each restores the weights first, so every timed step starts where the first
@@ -122,7 +122,7 @@ def outer_steps(preset, device, dtype, k, seed=0):
     model = GPT(PRESETS[name]).to(device=device, dtype=dtype)
     # Real text (the embedded byte corpus), so that the line search sees a real GN direction.
     stream = MicroBatches(load_dataset(None).train, batch, seq, seed=seed, device=device)
-    batches, ls_batches = stream.draw(k), stream.draw(default_ls_micro_batches(k))
+    batches, ls_batches = stream.draw(k), stream.draw(ls_micro_batches)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     muon = make_optimizer("muon", list(model.named_parameters()), lr=0.02)
     full = GaussNewton(model, mode="full", inner_lr=0.01)
@@ -153,10 +153,11 @@ def outer_steps(preset, device, dtype, k, seed=0):
 
 def bench_outer(args, device, dtype):
     k, repeats = OUTER_MICRO_BATCHES[args.preset], args.repeats or OUTER_REPEATS[args.preset]
-    fns, line_search_s = outer_steps(args.preset, device, dtype, k)
+    ls_k = default_ls_micro_batches(k, args.ls_fraction)
+    fns, line_search_s = outer_steps(args.preset, device, dtype, k, ls_k)
     times = time_all(fns, device, repeats)
     line_search = statistics.median(line_search_s[1:])  # [0] is the warm-up's
-    print(f"preset {args.preset}: outer steps on {k} micro-batches (line search on {default_ls_micro_batches(k)}), "
+    print(f"preset {args.preset}: outer steps on {k} micro-batches (line search on {ls_k}), "
           f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, median of {repeats}")
     print(f"{'':18} {'time s':>8} {'x first-order':>14}")
     for name, t in [*times.items(), ("line_search", line_search)]:
@@ -171,7 +172,7 @@ def bench_outer(args, device, dtype):
     return {"outer_first_order_s": times["first_order"], "outer_gn_s": times["gn"],
             "outer_gn_layerwise_s": times["gn_layerwise"], "outer_gn_layerwise_span_s": times["gn_layerwise_span"],
             "outer_line_search_s": line_search, "outer_micro_batches": k,
-            "outer_line_search_micro_batches": default_ls_micro_batches(k), "repeats": repeats,
+            "outer_line_search_micro_batches": ls_k, "repeats": repeats,
             "preset": args.preset, "device": args.device, "dtype": args.dtype}
 
 
@@ -248,6 +249,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's, else torch's)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--outer", action="store_true", help="time whole outer steps (see above)")
+    p.add_argument("--ls-fraction", type=float, default=LS_FRACTION,
+                   help="--outer: line-search micro-batches as a fraction of K (default: train.py's)")
     p.add_argument("--memory-of", choices=KINDS, help=argparse.SUPPRESS)  # internal: one peak-memory probe
     args = p.parse_args(argv)
     threads = args.threads or BENCH_PRESETS[args.preset][4]
