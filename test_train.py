@@ -66,17 +66,28 @@ def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
     (["--opt", "sgd"], "invalid choice"),
     (["--steps", "0"], "must be positive"),
     (["--batch-size", "-3"], "must be positive"),
-    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
-    (["--seq-len", "500"], "context"),
     (["--ema", "1.5"], "--ema"),
-    (["--resume"], "--out"),
     (["--opt", "gn", "--lr", "0.1"], "--inner-lr"),
     (["--opt", "muon", "--inner-lr", "0.1"], "--lr"),
     (["--steps", "3", "--stop-at-step", "4"], "--stop-at-step"),
     (["--opt", "gn", "--line-search", "wolfe"], "invalid choice"),
 ])
+def test_bad_options_give_one_line_and_exit_code_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.parse_args(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--seq-len", "500"], "context"),
+    (["--resume"], "--out"),
+])
 def test_bad_input_gives_one_line_and_exit_code_2(args, message):
-    result = run_train(*args, "--steps", "1") if "--steps" not in args else run_train(*args)
+    """Errors found after parsing, in a process of its own: no traceback, exit code 2."""
+    result = run_train(*args, "--steps", "1")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
 
