@@ -23,7 +23,7 @@ a full-GN inner step near 5/3 of a training step.
 times whole outer steps instead, interleaved, on the same K micro-batches of
 the embedded corpus (K = 32 on tiny): a first-order one (Muon: gradients accumulated over the K
 micro-batches, clipping, the optimizer step), a full-GN and a layerwise-GN one
-(K inner steps with inner Muon, then the line search on K/4 fresh
+(K inner steps with inner Muon, then the line search on K/8 fresh
 micro-batches: train.py's default, --ls-fraction sets it), a layerwise one
 with --combine span, and the line search inside the full-GN step.
 """

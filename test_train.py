@@ -40,7 +40,7 @@ def test_train_writes_metrics_and_config_and_lowers_the_loss(opt, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         assert {"step", "tokens", "train_loss", "lr", "time_s", "val_loss"} <= set(r)
-    # 2 micro-batches of 4 x 16 tokens; GN also counts its line-search micro-batches (a quarter, at least 1)
+    # 2 micro-batches of 4 x 16 tokens; GN also counts its line-search micro-batches (an eighth, at least 1)
     per_step = 4 * 16 * (2 if opt == "adamw" else 3)
     assert [r["tokens"] for r in records] == [per_step, 2 * per_step, 3 * per_step]
     assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.1
