@@ -214,7 +214,8 @@ class Muon(_Optimizer):
             buf = state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
             momenta.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
         # Same-shaped matrices (the layers of a transformer) share one batched
-        # Newton-Schulz: at small widths its cost is mostly per-call overhead.
+        # Newton-Schulz: fewer kernel launches on a GPU (on the CPU it measured
+        # no faster than one matrix at a time).
         by_shape = {}
         for i, m in enumerate(momenta):
             by_shape.setdefault((m.shape, m.dtype, m.device), []).append(i)
