@@ -541,6 +541,7 @@ class GaussNewton(torch.optim.Optimizer):
     def _first_order_inner_loop(self, batches, n_steps, stats):
         """Each inner step: the next micro-batch, every block's ∇Q, one optimizer step."""
         lr = self.param_groups[0]["lr"] * self.lr_backoff
+        norms = []
         for k in range(n_steps):
             x, y = batches[k % len(batches)]
             factor = cosine_factor(k, n_steps) if self.inner_schedule == "cosine" else 1.0
@@ -548,17 +549,18 @@ class GaussNewton(torch.optim.Optimizer):
                 all_reduce_mean(list(grad.values()))
                 for n in block:
                     self.iterate[n].grad = grad[n]
-                norm = torch.nn.utils.clip_grad_norm_([self.iterate[n] for n in block],
-                                                      self.clip if self.clip else float("inf"))
-                if not torch.isfinite(norm):
-                    return False
-                stats["inner_grad_norm"].append(norm.item())
+                norms.append(torch.nn.utils.clip_grad_norm_([self.iterate[n] for n in block],
+                                                            self.clip if self.clip else float("inf")))
                 for group in opt.param_groups:
                     group["lr"] = group["lr_ratio"] * lr * factor
                 opt.step()
         for n in self.iterate:
             self.iterate[n].grad = None
-        return True
+        # The norms reach the host once per loop, not once per inner step (each
+        # read would stall a GPU). A non-finite gradient leaves a non-finite
+        # iterate behind it, and the outer step rejects the whole loop.
+        stats["inner_grad_norm"] = torch.stack(norms).tolist() if norms else []
+        return all(math.isfinite(v) for v in stats["inner_grad_norm"])
 
     def _mean_block_map(self, batches, fn):
         """For every block, fn(f_l, block, y) averaged over the micro-batches."""
