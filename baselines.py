@@ -39,7 +39,8 @@ def newton_schulz(G, steps=5, eps=1e-7):
     for _ in range(steps):
         A = X @ X.mT
         # The sums ride inside the products (b·A + c·A², then a·X + (...)·X):
-        # at small widths the separate scalings and additions cost a fifth.
+        # no separate passes for the scalings and additions, which at small
+        # widths cost a noticeable share of the products themselves.
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
     X = X.reshape(shape)
     return X.mT if tall else X

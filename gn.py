@@ -557,8 +557,8 @@ class GaussNewton(torch.optim.Optimizer):
         for n in self.iterate:
             self.iterate[n].grad = None
         # The norms reach the host once per loop, not once per inner step (each
-        # read would stall a GPU). A non-finite gradient leaves a non-finite
-        # iterate behind it, and the outer step rejects the whole loop.
+        # read would stall a GPU). A non-finite norm anywhere rejects the whole
+        # loop; the inner steps after it are wasted, which only a failing step pays.
         stats["inner_grad_norm"] = torch.stack(norms).tolist() if norms else []
         return all(math.isfinite(v) for v in stats["inner_grad_norm"])
 
