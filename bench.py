@@ -43,7 +43,7 @@ from baselines import make_optimizer
 from data import MicroBatches, load_dataset
 from gn import GaussNewton
 from model import GPT, PRESETS
-from train import LS_FRACTION, default_ls_micro_batches, first_order_step
+from train import LS_FRACTION, default_ls_micro_batches, first_order_step, positive
 
 # model preset, sequences per micro-batch, sequence length, timed repeats, CPU threads.
 # tiny's matmuls are too small to gain from a second thread, and when another
@@ -245,11 +245,11 @@ def main(argv=None):
     p.add_argument("--preset", choices=BENCH_PRESETS, default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's, else torch's)")
+    p.add_argument("--repeats", type=positive(int), default=None, help="timed rounds (default: the preset's)")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: the preset's, else torch's)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--outer", action="store_true", help="time whole outer steps (see above)")
-    p.add_argument("--ls-fraction", type=float, default=LS_FRACTION,
+    p.add_argument("--ls-fraction", type=positive(float), default=LS_FRACTION,
                    help="--outer: line-search micro-batches as a fraction of K (default: train.py's)")
     p.add_argument("--memory-of", choices=KINDS, help=argparse.SUPPRESS)  # internal: one peak-memory probe
     args = p.parse_args(argv)

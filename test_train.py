@@ -92,6 +92,15 @@ def test_bad_input_gives_one_line_and_exit_code_2(args, message):
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("option", ["--ls-fraction", "--repeats", "--threads"])
+def test_bench_rejects_a_non_positive_count_or_fraction(option, capsys):
+    """bench.py would otherwise time a line search on one micro-batch, or take the median of nothing."""
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--outer", option, "0"])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
 def test_stop_at_step_ends_the_run_on_the_full_schedule(tmp_path):
     """compare.py stops a learning rate early without changing its schedule: the steps it
     ran are those of the whole run, learning rates included."""
