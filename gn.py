@@ -640,7 +640,8 @@ class GaussNewton(torch.optim.Optimizer):
         ls_batches = ls_batches or batches
         n_steps = self.inner_steps or len(batches)
         stats = {"inner_grad_norm": []}
-        if not self.keep_iterate:
+        # The first inner loop starts at the weights as they are now, not as __init__ saw them.
+        if not self.keep_iterate or self.outer_steps == 0:
             for n, p in self.named.items():
                 self.iterate[n].copy_(p.detach())
         if not self.warm_start:

@@ -462,6 +462,21 @@ def test_state_dict_round_trip_continues_identically(inner):
         assert torch.equal(a, b.detach())
 
 
+def test_kept_iterate_starts_at_the_weights_of_the_first_step():
+    """Weights that move between building the optimizer and its first step (train.py's
+    --first-order-steps) are where the first inner loop starts, with keep_iterate too."""
+    batches = byte_batches(2, seed=0)
+    results = []
+    for built_before_the_weights_moved in (True, False):
+        model = tiny_transformer(seed=9).float()
+        opt = GaussNewton(model, inner="muon", keep_iterate=True) if built_before_the_weights_moved else None
+        model.load_state_dict(tiny_transformer(seed=0).float().state_dict())
+        opt = opt or GaussNewton(model, inner="muon", keep_iterate=True)
+        opt.step(batches)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
 def test_non_finite_quadratic_is_rejected_and_weights_kept():
     model = tiny_transformer()
     before = [p.detach().clone() for p in model.parameters()]

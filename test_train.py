@@ -71,6 +71,10 @@ def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
     (["--opt", "muon", "--inner-lr", "0.1"], "--lr"),
     (["--steps", "3", "--stop-at-step", "4"], "--stop-at-step"),
     (["--opt", "gn", "--line-search", "wolfe"], "invalid choice"),
+    (["--opt", "muon", "--first-order-steps", "2"], "--first-order-steps"),
+    (["--opt", "gn", "--steps", "3", "--first-order-steps", "3"], "no Gauss-Newton step"),
+    (["--opt", "gn", "--inner", "cg", "--first-order-steps", "1"], "cg"),
+    (["--opt", "gn", "--first-order-steps", "-1"], "0 or more"),
 ])
 def test_bad_options_give_one_line_and_exit_code_2(args, message, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -110,6 +114,20 @@ def test_stop_at_step_ends_the_run_on_the_full_schedule(tmp_path):
     assert result.returncode == 0, result.stderr
     assert read_metrics(stopped) == [{**r, "time_s": s["time_s"]}
                                      for r, s in zip(read_metrics(whole)[:2], read_metrics(stopped))]
+
+
+def test_first_order_steps_are_the_inner_optimizers_then_gauss_newtons(tmp_path):
+    """--opt gn --first-order-steps 2 takes the steps --opt muon takes at the same --lr, then GN steps
+    (which also count their line-search micro-batches)."""
+    muon, gn = tmp_path / "muon", tmp_path / "gn"
+    common = [*SMALL_RUN, "--steps", "4", "--lr", "0.02"]
+    assert run_train("--opt", "muon", *common, "--stop-at-step", "2", "--out", str(muon)).returncode == 0
+    result = run_train("--opt", "gn", *common, "--first-order-steps", "2", "--out", str(gn))
+    assert result.returncode == 0, result.stderr
+    first_order, records = read_metrics(muon), read_metrics(gn)
+    assert records[:2] == [{**r, "time_s": s["time_s"]} for r, s in zip(first_order, records)]
+    assert [r["tokens"] for r in records] == [128, 256, 448, 640]
+    assert all("step_size" in r for r in records[2:]) and records[3]["val_loss"] < records[1]["val_loss"]
 
 
 def test_empty_and_too_short_data_are_rejected(tmp_path):

@@ -112,7 +112,8 @@ def parse_args(argv=None):
                    help="micro-batches per outer step: the outer batch is batch-size x micro-batches sequences")
     p.add_argument("--seq-len", type=positive(int), default=64, help="tokens per sequence")
     p.add_argument("--lr", type=positive(float), default=None,
-                   help="peak learning rate of a first-order optimizer (default: tuned per optimizer)")
+                   help="peak learning rate of a first-order optimizer, or of Gauss-Newton's --first-order-steps "
+                        "(default: tuned per optimizer)")
     p.add_argument("--recipe", default="ours", choices=["ours", "paper"],
                    help="paper: the authors' settings (PAPER_RECIPE in train.py) as defaults; flags given still win")
     p.add_argument("--weight-decay", type=float, default=0.0,
@@ -152,6 +153,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the text sample printed at the end")
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
     gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
+    gn.add_argument("--first-order-steps", type=int, default=0, metavar="N",
+                    help="take the first N outer steps with the inner optimizer on the loss itself, as --opt "
+                         "INNER would with the same --lr, then Gauss-Newton (default 0; the paper started GN from "
+                         "a 1000-step AdamW checkpoint); metrics count them as steps like any other")
     gn.add_argument("--inner-lr", type=positive(float), default=None,
                     help="peak inner learning rate (default: tuned per inner solver; cg has none); the outer schedule scales it")
     gn.add_argument("--inner-steps", type=positive(int), default=None,
@@ -179,7 +184,13 @@ def parse_args(argv=None):
         p.set_defaults(**paper_recipe(args.opt))
         args = p.parse_args(argv)
     is_gn = args.opt in GN_VARIANTS
-    if is_gn and args.lr is not None:
+    if args.first_order_steps < 0:
+        p.error(f"--first-order-steps must be 0 or more, got {args.first_order_steps}")
+    if args.first_order_steps and not is_gn:
+        p.error(f"--first-order-steps starts Gauss-Newton with first-order steps: {args.opt} is first-order")
+    if args.first_order_steps and args.inner == "cg":
+        p.error("--first-order-steps takes them with the inner optimizer: cg is not a first-order optimizer")
+    if is_gn and args.lr is not None and not args.first_order_steps:
         p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
     if not is_gn and args.inner_lr is not None:
         p.error(f"--inner-lr is Gauss-Newton's: {args.opt} takes --lr")
@@ -193,6 +204,8 @@ def parse_args(argv=None):
         args.ckpt_every = args.eval_every
     if args.lr is None and not is_gn:
         args.lr = DEFAULT_LR[args.opt]
+    if args.lr is None and args.first_order_steps:
+        args.lr = DEFAULT_LR[args.inner]
     if args.inner_lr is None and is_gn:
         args.inner_lr = GN_INNER_LR[args.inner]
     if args.ls_micro_batches is None:
@@ -203,6 +216,8 @@ def parse_args(argv=None):
             p.error(f"--betas must lie in [0, 1), got {args.betas[0]} {args.betas[1]}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must lie in [0, 1), got {args.ema}")
+    if args.first_order_steps >= args.steps:
+        p.error(f"--first-order-steps {args.first_order_steps} leaves no Gauss-Newton step in --steps {args.steps}")
     if args.stop_at_step is not None and args.stop_at_step > args.steps:
         p.error(f"--stop-at-step {args.stop_at_step} lies beyond --steps {args.steps}")
     if args.warmup < 0 or args.warmup >= args.steps:
@@ -282,7 +297,7 @@ def write_atomic(path, write):
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
                 "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "line_search", "combine",
-                "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema")
+                "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema", "first_order_steps")
 
 
 def read_checkpoint(path, model, args, device):
@@ -371,6 +386,12 @@ def main(argv=None):
         opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
         base_lr = args.lr
     base_lrs = [g["lr"] for g in opt.param_groups]
+    # Gauss-Newton's first --first-order-steps steps: its inner optimizer on the
+    # loss, warmed up as --opt INNER is by default (5% of the steps).
+    first_order = None
+    if args.first_order_steps:
+        first_order = build_optimizer(args.inner, list(model.named_parameters()), args.lr, args)
+        first_order_lrs = [g["lr"] for g in first_order.param_groups]
     share = args.batch_size // world
 
     def draw(k):
@@ -387,6 +408,8 @@ def main(argv=None):
         args.init_from = ckpt["args"].get("init_from")  # config.json keeps where the run started
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
+        if first_order is not None:
+            first_order.load_state_dict(ckpt["first_order"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         train_batches.load_state_dict(ckpt["batches"])
@@ -397,6 +420,7 @@ def main(argv=None):
         if not (ckpt_path and master):
             return
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict() if ema else None,
+                 "first_order": first_order.state_dict() if first_order else None,
                  "batches": train_batches.state_dict(), "rng": torch.get_rng_state(), "progress": progress,
                  "args": vars(args)}
         write_atomic(ckpt_path, lambda f: torch.save(state, f))
@@ -431,12 +455,16 @@ def main(argv=None):
     bar = tqdm(range(progress["step"] + 1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout,
                initial=progress["step"], total=args.steps, disable=not master)
     for step in bar:
-        factor = lr_factor(step - 1, args.steps, args.warmup, args.schedule)
-        for group, lr in zip(opt.param_groups, base_lrs):
+        if step <= args.first_order_steps:
+            stepper, lrs, peak_lr, warmup = first_order, first_order_lrs, args.lr, args.steps // 20
+        else:
+            stepper, lrs, peak_lr, warmup = opt, base_lrs, base_lr, args.warmup
+        factor = lr_factor(step - 1, args.steps, warmup, args.schedule)
+        for group, lr in zip(stepper.param_groups, lrs):
             group["lr"] = lr * factor
         batches = draw(args.micro_batches)
         record = {"step": step}
-        if is_gn:
+        if stepper is opt and is_gn:
             ls_batches = draw(args.ls_micro_batches)
             stats = opt.step(batches, ls_batches)
             progress["tokens"] += args.batch_size * args.seq_len * (len(batches) + len(ls_batches))
@@ -444,7 +472,7 @@ def main(argv=None):
             record.update({k: stats[k] for k in ("step_size", "loss_after", "model_decrease", "predicted_decrease",
                                                  "inner_grad_norm_last", "direction_norm", "block_step_sizes")})
         else:
-            loss = first_order_step(model, opt, batches, args.grad_clip)
+            loss = first_order_step(model, stepper, batches, args.grad_clip)
             progress["tokens"] += args.batch_size * args.seq_len * len(batches)
         if loss is None:
             progress["failures"] += 1
@@ -460,7 +488,7 @@ def main(argv=None):
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - args.ema)
         progress["step"], progress["time_s"] = step, time.perf_counter() - clock
-        record.update({"tokens": progress["tokens"], "train_loss": loss, "lr": base_lr * factor,
+        record.update({"tokens": progress["tokens"], "train_loss": loss, "lr": peak_lr * factor,
                        "time_s": progress["time_s"]})
         if step % args.eval_every == 0 or step == args.steps or args.target_loss is not None:
             progress["val_loss"] = record["val_loss"] = evaluate(ema if ema is not None else model, val_batches)
