@@ -118,8 +118,9 @@ def test_stop_at_step_ends_the_run_on_the_full_schedule(tmp_path):
 
 def test_first_order_steps_are_the_inner_optimizers_then_gauss_newtons(tmp_path):
     """--opt gn --first-order-steps 2 takes the steps --opt muon takes at the same --lr, then GN steps
-    (which also count their line-search micro-batches)."""
-    muon, gn = tmp_path / "muon", tmp_path / "gn"
+    (which also count their line-search micro-batches); a run resumed inside the first-order steps
+    continues as if it had not stopped."""
+    muon, gn, parts = tmp_path / "muon", tmp_path / "gn", tmp_path / "parts"
     common = [*SMALL_RUN, "--steps", "4", "--lr", "0.02"]
     assert run_train("--opt", "muon", *common, "--stop-at-step", "2", "--out", str(muon)).returncode == 0
     result = run_train("--opt", "gn", *common, "--first-order-steps", "2", "--out", str(gn))
@@ -128,6 +129,12 @@ def test_first_order_steps_are_the_inner_optimizers_then_gauss_newtons(tmp_path)
     assert records[:2] == [{**r, "time_s": s["time_s"]} for r, s in zip(first_order, records)]
     assert [r["tokens"] for r in records] == [128, 256, 448, 640]
     assert all("step_size" in r for r in records[2:]) and records[3]["val_loss"] < records[1]["val_loss"]
+
+    gn_args = ["--opt", "gn", *common, "--first-order-steps", "2", "--out", str(parts)]
+    assert run_train(*gn_args, "--stop-at-step", "1").returncode == 0
+    result = run_train(*gn_args, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(parts) == [{**r, "time_s": s["time_s"]} for r, s in zip(records, read_metrics(parts))]
 
 
 def test_empty_and_too_short_data_are_rejected(tmp_path):
