@@ -137,6 +137,16 @@ def test_first_order_steps_are_the_inner_optimizers_then_gauss_newtons(tmp_path)
     assert read_metrics(parts) == [{**r, "time_s": s["time_s"]} for r, s in zip(records, read_metrics(parts))]
 
 
+def test_time_counts_training_steps_but_not_evaluations(tmp_path, monkeypatch):
+    """Muon takes more steps to a target than GN, so it evaluates more often: counting the
+    evaluations would tilt every wall-clock comparison toward GN."""
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a: time.sleep(0.5) or real_evaluate(*a))
+    train.main(["--opt", "adamw", *SMALL_RUN, "--out", str(tmp_path)])
+    times = [r["time_s"] for r in read_metrics(tmp_path)]
+    assert 0 < times[0] < times[1] < times[2] < 0.5, times
+
+
 def test_empty_and_too_short_data_are_rejected(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")

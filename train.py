@@ -450,11 +450,13 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGINT, on_interrupt)
 
-    clock = time.perf_counter() - progress["time_s"]
     reached_step = None
     bar = tqdm(range(progress["step"] + 1, args.steps + 1), desc=args.opt, dynamic_ncols=True, file=sys.stdout,
                initial=progress["step"], total=args.steps, disable=not master)
     for step in bar:
+        # time_s adds up the training steps only: a run evaluated or
+        # checkpointed at more steps is not charged for it.
+        started = time.perf_counter()
         if step <= args.first_order_steps:
             stepper, lrs, peak_lr, warmup = first_order, first_order_lrs, args.lr, args.steps // 20
         else:
@@ -487,7 +489,7 @@ def main(argv=None):
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - args.ema)
-        progress["step"], progress["time_s"] = step, time.perf_counter() - clock
+        progress["step"], progress["time_s"] = step, progress["time_s"] + time.perf_counter() - started
         record.update({"tokens": progress["tokens"], "train_loss": loss, "lr": peak_lr * factor,
                        "time_s": progress["time_s"]})
         if step % args.eval_every == 0 or step == args.steps or args.target_loss is not None:
