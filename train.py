@@ -154,9 +154,10 @@ def parse_args(argv=None):
     gn = p.add_argument_group("Gauss-Newton (--opt gn, gn_layerwise, gn_prox, gn_layerwise_prox)")
     gn.add_argument("--inner", default="muon", choices=INNER_SOLVERS, help="inner solver of the quadratic model")
     gn.add_argument("--first-order-steps", type=int, default=0, metavar="N",
-                    help="take the first N outer steps with the inner optimizer on the loss itself, as --opt "
-                         "INNER would with the same --lr, then Gauss-Newton (default 0; the paper started GN from "
-                         "a 1000-step AdamW checkpoint); metrics count them as steps like any other")
+                    help="take the first N outer steps with the inner optimizer on the loss itself (at --lr, "
+                         "with the inner optimizer's other options and a warmup over 5%% of the steps), then "
+                         "Gauss-Newton (default 0; the paper started GN from a 1000-step AdamW checkpoint); metrics "
+                         "count them as steps like any other")
     gn.add_argument("--inner-lr", type=positive(float), default=None,
                     help="peak inner learning rate (default: tuned per inner solver; cg has none); the outer schedule scales it")
     gn.add_argument("--inner-steps", type=positive(int), default=None,
