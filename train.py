@@ -198,7 +198,7 @@ def parse_args(argv=None):
     if args.steps is None:
         args.steps = 40 if is_gn else 400
     if args.warmup is None:
-        args.warmup = 0 if is_gn else args.steps // 20
+        args.warmup = 0 if is_gn else first_order_warmup(args.steps)
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 10)
     if args.ckpt_every is None:
@@ -231,6 +231,11 @@ def parse_args(argv=None):
 # Results); at 256 micro-batches layerwise with 0.04 overshot so far that every
 # step was cut to 1/32. The paper used Muon 0.01 at 45M.
 GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
+
+
+def first_order_warmup(steps):
+    """A first-order optimizer's default warmup: 5% of the steps."""
+    return steps // 20
 
 
 def lr_factor(step, steps, warmup, schedule="cosine"):
@@ -388,7 +393,7 @@ def main(argv=None):
         base_lr = args.lr
     base_lrs = [g["lr"] for g in opt.param_groups]
     # Gauss-Newton's first --first-order-steps steps: its inner optimizer on the
-    # loss, warmed up as --opt INNER is by default (5% of the steps).
+    # loss, warmed up as --opt INNER is by default.
     first_order = None
     if args.first_order_steps:
         first_order = build_optimizer(args.inner, list(model.named_parameters()), args.lr, args)
@@ -459,7 +464,7 @@ def main(argv=None):
         # checkpointed at more steps is not charged for it.
         started = time.perf_counter()
         if step <= args.first_order_steps:
-            stepper, lrs, peak_lr, warmup = first_order, first_order_lrs, args.lr, args.steps // 20
+            stepper, lrs, peak_lr, warmup = first_order, first_order_lrs, args.lr, first_order_warmup(args.steps)
         else:
             stepper, lrs, peak_lr, warmup = opt, base_lrs, base_lr, args.warmup
         factor = lr_factor(step - 1, args.steps, warmup, args.schedule)
