@@ -133,10 +133,15 @@ class _Optimizer(torch.optim.Optimizer):
             lr, weight_decay = group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad.to(torch.promote_types(p.dtype, torch.float32)) for p in params]
-            for p, update in zip(params, self._directions(grads, [self.state[p] for p in params], group)):
-                if update is not None:
-                    new_p = p.to(update.dtype) * (1 - lr * weight_decay) - lr * update.reshape(p.shape)
-                    p.copy_(new_p)
+            moved = [(p, update.reshape(p.shape)) for p, update in
+                     zip(params, self._directions(grads, [self.state[p] for p in params], group)) if update is not None]
+            if moved:
+                # p·(1 − lr·wd) − lr·update in the update's precision, rounded into p once; the
+                # _foreach_ ops take the group at once (per-tensor calls cost more than the
+                # arithmetic at small widths, and GN's inner loop steps once per micro-batch).
+                new = torch._foreach_mul([p.to(update.dtype) for p, update in moved], 1 - lr * weight_decay)
+                torch._foreach_sub_(new, torch._foreach_mul([update for _, update in moved], lr))
+                torch._foreach_copy_([p for p, _ in moved], new)
         return loss
 
     def load_state_dict(self, state_dict):
@@ -161,15 +166,25 @@ def _to_device(value, device):
     return value
 
 
-def adamw_direction(grad, state, group):
-    """AdamW's bias-corrected direction m̂ / (√v̂ + eps), updating state."""
-    if not state:
-        state.update(step=0, exp_avg=torch.zeros_like(grad), exp_avg_sq=torch.zeros_like(grad))
-    state["step"] += 1
+def adamw_directions(grads, states, group):
+    """AdamW's bias-corrected directions m̂ / (√v̂ + eps) for a list of gradients, updating their states.
+
+    One _foreach_ op per stage for the whole list: at small widths the
+    per-tensor calls would cost more than the arithmetic.
+    """
+    for grad, state in zip(grads, states):
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(grad), exp_avg_sq=torch.zeros_like(grad))
+        state["step"] += 1
     beta1, beta2 = group["betas"]
-    m_hat = ema_(state["exp_avg"], grad, beta1, state["step"])
-    v_hat = ema_(state["exp_avg_sq"], grad.square(), beta2, state["step"])
-    return m_hat / (v_hat.sqrt() + group["eps"])
+    exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+    torch._foreach_lerp_(exp_avg_sq, torch._foreach_pow(grads, 2), 1 - beta2)
+    denominators = torch._foreach_div(exp_avg_sq, [1 - beta2 ** s["step"] for s in states])
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_add_(denominators, group["eps"])
+    m_hat = torch._foreach_div(exp_avg, [1 - beta1 ** s["step"] for s in states])
+    return torch._foreach_div(m_hat, denominators)
 
 
 class Muon(_Optimizer):
@@ -211,14 +226,16 @@ class Muon(_Optimizer):
         super().add_param_group(param_group)
 
     def _directions(self, grads, states, group):
+        if not grads:
+            return []
         if not group["use_muon"]:
-            return [adamw_direction(grad, state, group) for grad, state in zip(grads, states)]
-        momenta = []
+            return adamw_directions(grads, states, group)
         for grad, state in zip(grads, states):
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(grad)
-            buf = state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
-            momenta.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        buffers = [state["momentum_buffer"] for state in states]
+        torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+        momenta = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
         # Same-shaped matrices (the layers of a transformer) share one batched
         # Newton-Schulz: fewer kernel launches on a GPU (on the CPU it measured
         # no faster than one matrix at a time).
