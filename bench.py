@@ -24,7 +24,8 @@ times whole outer steps instead, interleaved, on the same K micro-batches of
 the embedded corpus (K = 32 on tiny): a first-order one (Muon: gradients accumulated over the K
 micro-batches, clipping, the optimizer step), a full-GN and a layerwise-GN one
 (K inner steps with inner Muon, then the line search on K/8 fresh
-micro-batches: train.py's default, --ls-fraction sets it), a layerwise one
+micro-batches, η* estimated on half of them: train.py's defaults, --ls-fraction
+sets the first), a layerwise one
 with --combine span, and the line search inside the full-GN step.
 """
 import argparse

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gn import (CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
+from gn import (COMBINES, CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
                 model_gradient, model_step_size, span_model, span_step_sizes, step_size_grid)
 from model import (GPT, GPTConfig, PAPER_ARCH, PRESETS, CausalAttentionFunction, GELUFunction, LayerNormFunction,
                    LinearFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction, rotary_tables)
@@ -550,6 +550,53 @@ def test_model_step_minimizes_the_gn_quadratic_built_from_explicit_jacobians():
     assert model_step_size(got_slope, got_curvature, largest=float("inf")) == pytest.approx(expected, rel=1e-9)
     assert model_step_size(-1.0, 4.0) == 0.25 and model_step_size(-1.0, 0.1) == 1.0  # clipped at largest
     assert model_step_size(0.5, 4.0) == 0.0 and model_step_size(-1.0, 0.0) == 1.0
+
+
+def test_model_step_from_some_batches_is_checked_on_all():
+    """model_batches=2 of 4: slope, curvature and η* are those of the first two batches' parabola
+    (least squares: GN exact), while ℓ(θ0) and the loss at the step are the means over all four."""
+    torch.manual_seed(0)
+    model, params, _, _ = linear_problem("mse", seed=11)
+    g = torch.Generator().manual_seed(12)
+    batches = [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64))
+               for _ in range(4)]
+    leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
+    grads = torch.autograd.grad(sum(F.mse_loss(functional_call(model, leaves, (x,)), y) for x, y in batches),
+                                list(leaves.values()))
+    d = {k: -g for k, g in zip(params, grads)}  # downhill on all four batches
+
+    def mean_loss(bs, eta):
+        return sum(loss_along(model, params, d, b, "mse", eta).item() for b in bs) / len(bs)
+
+    def parabola(bs):  # f(η) = f0 + bη + aη²
+        f = [mean_loss(bs, eta) for eta in (0.0, 1.0, 2.0)]
+        return (f[2] - 2 * f[1] + f[0]) / 2, (4 * f[1] - 3 * f[0] - f[2]) / 2
+
+    a, b = parabola(batches[:2])
+    assert b < 0  # downhill on the first two as well
+    d = {k: v * 2 * (-b / (2 * a)) for k, v in d.items()}  # the first two batches' vertex now at η = 1/2
+    a, b = parabola(batches[:2])
+    a_all, b_all = parabola(batches)
+    assert abs(-b_all / (2 * a_all) - 0.5) > 0.02  # so the batches η* comes from are told apart
+    eta, loss0, loss1, slope, curvature = line_search(model, params, d, batches, MeanSquaredError, "model", 0.25,
+                                                      model_batches=2)
+    assert slope == pytest.approx(b, rel=1e-9) and curvature == pytest.approx(2 * a, rel=1e-9)
+    assert eta == pytest.approx(0.5, rel=1e-9)
+    assert loss0 == pytest.approx(mean_loss(batches, 0.0), rel=1e-12)
+    assert loss1 == pytest.approx(mean_loss(batches, 0.5), rel=1e-12)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_optimizer_estimates_the_model_on_its_share_of_the_line_search_batches(combine, monkeypatch):
+    import gn
+    seen, span_model = [], gn.span_model
+    monkeypatch.setattr(gn, "span_model", lambda f, p, d, batches, H: seen.append(batches) or span_model(f, p, d, batches, H))
+    ls = byte_batches(4, seed=1)
+    for fraction, expected in ((0.5, 2), (1.0, 4), (0.1, 1)):
+        seen.clear()
+        opt = GaussNewton(tiny_transformer(), mode="layerwise", combine=combine, ls_model_fraction=fraction)
+        opt.step(byte_batches(2, seed=0), ls)
+        assert seen == [ls[:expected]]
 
 
 def test_line_search_reaches_below_its_floor_when_the_model_step_lies_there():

@@ -166,6 +166,9 @@ def parse_args(argv=None):
                     help="fresh micro-batches for the line search (default: --ls-fraction of --micro-batches)")
     gn.add_argument("--ls-fraction", type=positive(float), default=LS_FRACTION,
                     help="the default --ls-micro-batches as a fraction of --micro-batches (default 1/8; the paper's: 1)")
+    gn.add_argument("--ls-model-fraction", type=positive(float), default=0.5,
+                    help="share of the line-search micro-batches that the GN model's step size is estimated on; "
+                         "the losses that check it use all of them (default 1/2)")
     gn.add_argument("--line-search", default="model", choices=LINE_SEARCHES,
                     help="step-size rule: model (the GN model's own step, verified), grid (the paper's points, "
                          "may reject), backtracking, none, paper (the authors' rule: the grid's best, always steps)")
@@ -211,6 +214,9 @@ def parse_args(argv=None):
         args.inner_lr = GN_INNER_LR[args.inner]
     if args.ls_micro_batches is None:
         args.ls_micro_batches = default_ls_micro_batches(args.micro_batches, args.ls_fraction)
+    if args.ls_model_fraction > 1:
+        p.error(f"--ls-model-fraction is a share of the line-search micro-batches, at most 1: "
+                f"got {args.ls_model_fraction}")
     if args.betas is not None:
         args.betas = tuple(args.betas)  # a list from the command line, a tuple from the recipe: compare equal
         if not all(0 <= b < 1 for b in args.betas):
@@ -302,8 +308,9 @@ def write_atomic(path, write):
 # Options that define the run: a resumed run must be given the same ones.
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
-                "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "line_search", "combine",
-                "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema", "first_order_steps")
+                "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "ls_model_fraction",
+                "line_search", "combine", "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema",
+                "first_order_steps")
 
 
 def read_checkpoint(path, model, args, device):
@@ -385,8 +392,8 @@ def main(argv=None):
         inner = "cg" if args.inner == "cg" else lambda named, lr: build_optimizer(args.inner, named, lr, args)
         opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                           prox_linear=prox, line_search=args.line_search, min_step_size=args.min_step_size,
-                          damping=args.damping, warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate,
-                          combine=args.combine)
+                          ls_model_fraction=args.ls_model_fraction, damping=args.damping,
+                          warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate, combine=args.combine)
         base_lr = args.inner_lr
     else:
         opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
