@@ -442,9 +442,10 @@ class GaussNewton(torch.optim.Optimizer):
         overshoots: the step often has to be about 1/number of blocks).
         ls_model_fraction: the share of the line-search batches that η*'s
         slope and curvature come from (the span model's too); the losses
-        the step is checked with come from all of them. Half cut the line
-        search by a quarter on tiny and took full and layerwise GN to the
-        target in the same steps as all (README, "Defaults these runs set").
+        the step is checked with come from all of them. Half cuts the line
+        search by a quarter; on tiny full GN took the same steps to target as
+        with all in six runs, layerwise 55 steps over six runs against 57
+        (README, "Defaults these runs set").
     damping: λ, adds λ/2‖Δ‖² to each quadratic.
     warm_start: keep the inner optimizers' state across outer steps.
     keep_iterate: also keep the inner iterate where the last inner loop ended
