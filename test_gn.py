@@ -558,8 +558,7 @@ def test_model_step_from_some_batches_is_checked_on_all():
     torch.manual_seed(0)
     model, params, _, _ = linear_problem("mse", seed=11)
     g = torch.Generator().manual_seed(12)
-    batches = [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64))
-               for _ in range(4)]
+    batches = [tuple(torch.randn(10, n, generator=g, dtype=torch.float64) for n in (5, 3)) for _ in range(4)]
     leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
     grads = torch.autograd.grad(sum(F.mse_loss(functional_call(model, leaves, (x,)), y) for x, y in batches),
                                 list(leaves.values()))
@@ -588,9 +587,15 @@ def test_model_step_from_some_batches_is_checked_on_all():
 
 @pytest.mark.parametrize("combine", COMBINES)
 def test_optimizer_estimates_the_model_on_its_share_of_the_line_search_batches(combine, monkeypatch):
+    """η*'s model (and the span's: both go through span_model) sees the first share of the line-search batches."""
     import gn
     seen, span_model = [], gn.span_model
-    monkeypatch.setattr(gn, "span_model", lambda f, p, d, batches, H: seen.append(batches) or span_model(f, p, d, batches, H))
+
+    def recording_span_model(functions, params, directions, batches, H):
+        seen.append(batches)
+        return span_model(functions, params, directions, batches, H)
+
+    monkeypatch.setattr(gn, "span_model", recording_span_model)
     ls = byte_batches(4, seed=1)
     for fraction, expected in ((0.5, 2), (1.0, 4), (0.1, 1)):
         seen.clear()
