@@ -339,7 +339,8 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     """Choose η for θ0 + η d. η = 0 (reject) when no candidate lowers the loss.
 
     model: η* of `model_step_size`, then halved until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd
-        (Armijo): usually one forward pass over the line-search batches.
+        (Armijo): usually one forward pass over the line-search batches, plus
+        one for ℓ(θ0) over those the model did not see (see model_batches).
     grid: the lowest loss over `step_size_grid(smallest)` and η = 0.
     backtracking: halve η from 1 until the Armijo condition holds.
     none: η = 1, unless the loss there is not finite.
