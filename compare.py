@@ -12,10 +12,11 @@ batch on the tiny model; --batch-sweep measures the whole curve.
 
 Fair budgets. At a given outer batch (batch-size x micro-batches sequences per
 step) every optimizer gets the same step budget, the same data and seed, and
-its own learning-rate sweep (GN: its inner lr). A sweep whose best lr lies at
-the edge of its grid is extended by a factor of 2 beyond that edge, up to
-twice, when that lr reached the target. Every run stops when its validation loss, evaluated at every step,
-reaches the target; a learning rate that has not reached it by the step where
+its own learning-rate sweep (GN: its inner lr). A sweep whose fewest steps
+to the target are reached at the edge of its grid (alone or tied with an lr
+inside it) is extended by a factor of 2 beyond that edge, up to twice. Every
+run stops when its validation loss, evaluated at every step, reaches the
+target; a learning rate that has not reached it by the step where
 the best one so far did stops there, since it can no longer win (its schedule
 still spans the whole budget, so the runs it is compared with are unchanged).
 The target is the preset's (fixed in advance), or else the lowest final
@@ -316,8 +317,10 @@ def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None):
     """opt's learning-rate grid at this outer batch, the middle lr first; returns every run.
 
     Once a run has reached the target, later lrs stop at that step: they can no
-    longer win. A best lr at an edge of the grid extends it (MAX_GRID_EXTENSIONS)
-    when it reached the target: the extension is there to find the fewest steps.
+    longer win. An lr at an edge of the grid that reached the target in the
+    fewest steps (alone or tied: either way the grid has not bracketed the
+    best lr) extends it (MAX_GRID_EXTENSIONS): the extension is there to find
+    the fewest steps.
     """
     seed = args.seed if seed is None else seed
     grid = list(grid or PRESETS[args.preset]["lrs"][opt])
@@ -330,10 +333,12 @@ def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None):
         runs.append(train_run(args, run_dir_of(args, opt, micro_batches, lr, seed), opt, lr, micro_batches, seed,
                               target_loss, stop_at))
         if not order and len(grid) > 1 and extensions < MAX_GRID_EXTENSIONS:
-            best = best_of([summarize(r, target_loss) for r in runs])
-            if best["lr"] in (min(grid), max(grid)) and best["steps_to_target"] is not None:
-                best_lr = best["lr"]
-                order.append(best_lr / 2 if best_lr == min(grid) else best_lr * 2)
+            summaries = [summarize(r, target_loss) for r in runs]
+            fewest = best_of(summaries)["steps_to_target"]
+            at_edge = [s for s in summaries if s["lr"] in (min(grid), max(grid)) and s["steps_to_target"] == fewest]
+            if fewest is not None and at_edge:
+                edge_lr = best_of(at_edge)["lr"]
+                order.append(edge_lr / 2 if edge_lr == min(grid) else edge_lr * 2)
                 grid.append(order[-1])
                 extensions += 1
     return runs

@@ -111,6 +111,27 @@ def test_sweep_stops_later_lrs_at_the_best_step_and_extends_a_grid_at_its_edge(t
     assert compare.best_of([compare.summarize(r, 2.5) for r in runs])["lr"] == 0.04
 
 
+def test_sweep_extends_a_grid_whose_edge_ties_the_fewest_steps(tmp_path, monkeypatch):
+    """0.02 and 0.04 both reach the target at step 8, 0.02 at a lower loss (so best_of picks it);
+    the edge lr 0.04 ties the fewest steps, so the grid has not bracketed the best lr: 0.08 runs.
+    An edge lr that takes more steps than the best does not extend the grid."""
+    calls = []
+
+    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+        calls.append(lr)
+        reach, final = {0.02: (8, 2.0), 0.04: (8, 2.4)}.get(lr, (20, 2.0))
+        steps = min(stop_at or 40, reach)
+        return run_of([3.0] * (steps - 1) + [final if steps == reach else 3.0], lr=lr)
+    monkeypatch.setattr(compare, "train_run", fake_run)
+    args = compare.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
+    runs = compare.sweep(args, "gn", 64, 2.5, grid=(0.01, 0.02, 0.04))
+    assert calls == [0.02, 0.01, 0.04, 0.08]
+    assert compare.best_of([compare.summarize(r, 2.5) for r in runs])["lr"] == 0.02
+    calls.clear()
+    compare.sweep(args, "gn", 64, 2.5, grid=(0.01, 0.02, 0.08))  # 0.08 reaches it later than 0.02
+    assert calls == [0.02, 0.01, 0.08]
+
+
 def test_gpu_presets_start_every_run_from_one_warm_up_with_the_papers_recipe(tmp_path, monkeypatch):
     """A fake launch checks that train.py accepts every run's arguments and writes one evaluation."""
     runs = []
