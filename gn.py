@@ -27,6 +27,8 @@ Read this file top to bottom:
 3. The inner loop. An ordinary optimizer (Muon, AdamW, SOAP, Shampoo: the
    paper used Muon) minimizes Q with one fresh micro-batch per inner step, a
    cosine learning rate restarted every outer step and gradient clipping.
+   The first inner step starts at Δ = 0, where ∇Q is the loss gradient g:
+   a training step's plain forward and backward, for every block at once.
    Linear conjugate gradient on the quadratic averaged over the micro-batches
    is the classic alternative (Hessian-free optimization, Martens 2010).
 
@@ -156,12 +158,16 @@ def jvp_vjp(f, params, tangent, residual):
 
     A single forward pass carries the tangent (forward-mode AD) while ordinary
     autograd records the primal computation, so the VJP needs no second forward.
-    `residual` maps (z, Jt) to the output-space cotangent.
+    `residual` maps (z, Jt) to the output-space cotangent. A tangent of None
+    stands for zero: a plain forward pass, and Jt is None.
     """
     primals = {k: p.detach().requires_grad_() for k, p in params.items()}
     with torch.enable_grad(), forward_ad.dual_level():
-        z, jt = forward_ad.unpack_dual(f({k: forward_ad.make_dual(p, tangent[k]) for k, p in primals.items()}))
-    z_value, jt = z.detach(), jt.detach()
+        if tangent is None:
+            z, jt = f(primals), None
+        else:
+            z, jt = forward_ad.unpack_dual(f({k: forward_ad.make_dual(p, tangent[k]) for k, p in primals.items()}))
+    z_value, jt = z.detach(), None if jt is None else jt.detach()
     grads = torch.autograd.grad(z, list(primals.values()), grad_outputs=residual(z_value, jt))
     return z_value, jt, dict(zip(primals, grads))
 
@@ -179,12 +185,17 @@ def model_gradient(f, params, delta, targets, loss="ce", prox_linear=False):
     """Gradient in Δ of the GN quadratic Q(Δ) (or the prox-linear ℓ(z0 + JΔ)).
 
     Returns (gradient dict, Q(Δ) - ℓ(z0), ℓ(z0)). The quadratic's output-space
-    residual is g_z + H_z JΔ; the prox-linear one is ∇ℓ(z0 + JΔ).
+    residual is g_z + H_z JΔ; the prox-linear one is ∇ℓ(z0 + JΔ). At Δ = 0
+    (delta None) both are g_z, so the gradient is the loss's own: one plain
+    forward and backward, as in a training step.
     """
     H = get_loss(loss)
     values = {}
 
     def residual(z, jd):
+        if jd is None:
+            values["loss0"], values["change"] = H.value(z, targets), torch.zeros((), device=z.device)
+            return H.grad(z, targets)
         if prox_linear:
             values["loss0"] = H.value(z, targets)
             values["change"] = H.value(z + jd, targets) - values["loss0"]
@@ -553,21 +564,31 @@ class GaussNewton(torch.optim.Optimizer):
         grad = model_gradient(f, self._block_params(block), delta, y, self.loss, self.prox_linear)[0]
         return axpy(self.damping, delta, grad) if self.damping else grad
 
-    def inner_gradients(self, x, y):
-        """Every block's ∇Q at the current inner iterate, on the micro-batch (x, y)."""
+    def inner_gradients(self, x, y, at_origin=False):
+        """Every block's ∇Q at the current inner iterate, on the micro-batch (x, y).
+
+        at_origin: the iterate is θ0 (Δ = 0), where every block's ∇Q is its part
+        of the loss gradient; one training step's forward and backward gives
+        them all, instead of a pass with a tangent per block.
+        """
+        if at_origin:
+            f = lambda p: functional_call(self.model, p, (x,))
+            grad = model_gradient(f, self._block_params(self.named), None, y, self.loss, self.prox_linear)[0]
+            return [{n: grad[n] for n in block} for block in self.blocks]
         return [self._model_gradient(f, block, self._delta(block), y)
                 for block, f in zip(self.blocks, self._block_functions(x))]
 
     # -- inner solvers ------------------------------------------------------
 
-    def _first_order_inner_loop(self, batches, n_steps, stats):
+    def _first_order_inner_loop(self, batches, n_steps, stats, at_origin):
         """Each inner step: the next micro-batch, every block's ∇Q, one optimizer step."""
         lr = self.param_groups[0]["lr"] * self.lr_backoff
         norms = []
         for k in range(n_steps):
             x, y = batches[k % len(batches)]
             factor = cosine_factor(k, n_steps) if self.inner_schedule == "cosine" else 1.0
-            for block, grad, opt in zip(self.blocks, self.inner_gradients(x, y), self.inner_opts):
+            grads = self.inner_gradients(x, y, at_origin and k == 0)
+            for block, grad, opt in zip(self.blocks, grads, self.inner_opts):
                 all_reduce_mean(list(grad.values()))
                 for n in block:
                     self.iterate[n].grad = grad[n]
@@ -584,34 +605,32 @@ class GaussNewton(torch.optim.Optimizer):
         stats["inner_grad_norm"] = torch.stack(norms).tolist() if norms else []
         return all(math.isfinite(v) for v in stats["inner_grad_norm"])
 
-    def _mean_block_map(self, batches, fn):
-        """For every block, fn(f_l, block, y) averaged over the micro-batches."""
-        totals = [None] * len(self.blocks)
+    def _mean_over_batches(self, batches, fn):
+        """fn(x, y), one dict per block, averaged over the micro-batches."""
+        totals = None
         for x, y in batches:
-            for i, (block, f) in enumerate(zip(self.blocks, self._block_functions(x))):
-                out = fn(f, block, y)
-                totals[i] = out if totals[i] is None else {k: totals[i][k] + out[k] for k in out}
+            out = fn(x, y)
+            totals = out if totals is None else [{k: t[k] + o[k] for k in o} for t, o in zip(totals, out)]
         means = [{k: v / len(batches) for k, v in t.items()} for t in totals]
         all_reduce_mean([v for m in means for v in m.values()])
         return means
 
-    def _cg_inner_loop(self, batches, n_steps, stats):
+    def _cg_inner_loop(self, batches, n_steps, stats, at_origin):
         """Linear CG on each block's damped quadratic averaged over all micro-batches.
 
         Every block runs its own CG (its own step sizes α, β) on the
         block-diagonal system (G_ll + λI) Δ_l = -∇Q_l(0); one pass over the
         micro-batches computes all blocks' matvecs.
         """
-        def neg_gradient(f, block, y):
-            return {k: -v for k, v in self._model_gradient(f, block, self._delta(block), y).items()}
-
         def curvature(directions):
-            def damped_matvec(f, block, y):
-                p = {n: directions[n] for n in block}
-                return axpy(self.damping, p, gn_matvec(f, self._block_params(block), p, y, self.loss))
-            return self._mean_block_map(batches, damped_matvec)
+            def damped_matvecs(x, y):
+                blocks = [{n: directions[n] for n in block} for block in self.blocks]
+                return [axpy(self.damping, p, gn_matvec(f, self._block_params(p), p, y, self.loss))
+                        for p, f in zip(blocks, self._block_functions(x))]
+            return self._mean_over_batches(batches, damped_matvecs)
 
-        residuals = self._mean_block_map(batches, neg_gradient)
+        gradients = self._mean_over_batches(batches, lambda x, y: self.inner_gradients(x, y, at_origin))
+        residuals = [{k: -v for k, v in g.items()} for g in gradients]
         directions = [dict(r) for r in residuals]
         rr = [dot(r, r) for r in residuals]
         rr0 = [max(v.item(), 1e-300) for v in rr]
@@ -663,7 +682,8 @@ class GaussNewton(torch.optim.Optimizer):
         n_steps = self.inner_steps or len(batches)
         stats = {"inner_grad_norm": []}
         # The first inner loop starts at the weights as they are now, not as __init__ saw them.
-        if not self.keep_iterate or self.outer_steps == 0:
+        at_origin = not self.keep_iterate or self.outer_steps == 0
+        if at_origin:
             for n, p in self.named.items():
                 self.iterate[n].copy_(p.detach())
         if not self.warm_start:
@@ -676,7 +696,7 @@ class GaussNewton(torch.optim.Optimizer):
             p.requires_grad_(False)
         try:
             inner_loop = self._cg_inner_loop if self.inner == "cg" else self._first_order_inner_loop
-            finite = inner_loop(batches, n_steps, stats)
+            finite = inner_loop(batches, n_steps, stats, at_origin)
             params = {n: p.detach() for n, p in self.named.items()}
             d = {n: self.iterate[n] - params[n] for n in params}
             line_search_start = time.perf_counter()

@@ -431,6 +431,24 @@ def test_one_sgd_inner_step_from_zero_is_a_gradient_step():
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["full", "layerwise"])
+def test_inner_gradients_at_the_origin_are_the_loss_gradient(mode):
+    # At Δ = 0 every block's ∇Q is its share of ∇ℓ(θ0), whatever the damping:
+    # the first inner step's plain forward and backward must agree with
+    # autograd's gradient, as must the pass that carries the (zero) tangent.
+    model = tiny_transformer()
+    (x, y), = byte_batches(1, seed=0)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    expected = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    opt = GaussNewton(model, mode=mode, damping=0.1)
+    plain, with_tangent = opt.inner_gradients(x, y, at_origin=True), opt.inner_gradients(x, y)
+    assert [list(g) for g in plain] == opt.blocks
+    for grads in (plain, with_tangent):
+        for block in grads:
+            for n, g in block.items():
+                torch.testing.assert_close(g, expected[n], rtol=1e-10, atol=1e-12)
+
+
 def test_full_mode_is_the_one_block_case():
     batches = byte_batches(2, seed=0)
     results = []
