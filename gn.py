@@ -573,7 +573,7 @@ class GaussNewton(torch.optim.Optimizer):
         """
         if at_origin:
             f = lambda p: functional_call(self.model, p, (x,))
-            grad = model_gradient(f, self._block_params(self.named), None, y, self.loss, self.prox_linear)[0]
+            grad = model_gradient(f, self._block_params(list(self.named)), None, y, self.loss, self.prox_linear)[0]
             return [{n: grad[n] for n in block} for block in self.blocks]
         return [self._model_gradient(f, block, self._delta(block), y)
                 for block, f in zip(self.blocks, self._block_functions(x))]
@@ -624,9 +624,11 @@ class GaussNewton(torch.optim.Optimizer):
         """
         def curvature(directions):
             def damped_matvecs(x, y):
-                blocks = [{n: directions[n] for n in block} for block in self.blocks]
-                return [axpy(self.damping, p, gn_matvec(f, self._block_params(p), p, y, self.loss))
-                        for p, f in zip(blocks, self._block_functions(x))]
+                products = []
+                for block, f in zip(self.blocks, self._block_functions(x)):
+                    p = {n: directions[n] for n in block}
+                    products.append(axpy(self.damping, p, gn_matvec(f, self._block_params(block), p, y, self.loss)))
+                return products
             return self._mean_over_batches(batches, damped_matvecs)
 
         gradients = self._mean_over_batches(batches, lambda x, y: self.inner_gradients(x, y, at_origin))
