@@ -422,6 +422,27 @@ def default_blocks(model):
     return [b for b in blocks + [own] if b]
 
 
+def cached_block_starts(model, blocks):
+    """Where each block's cached input enters, or None when blocks cannot start from cached inputs.
+
+    A model that offers `block_inputs` and `start_block` caches the input of
+    each of its own blocks (`default_blocks`). Blocks that are those, or runs
+    of consecutive ones in forward order (the embedding with transformer
+    block 0, say), start at the input of their first: its index is returned.
+    """
+    if not (hasattr(model, "block_inputs") and hasattr(model, "gn_blocks")):
+        return None
+    own, starts, i = default_blocks(model), [], 0
+    for block in blocks:
+        starts.append(i)
+        run = []
+        while i < len(own) and len(run) < len(block):
+            run, i = run + own[i], i + 1
+        if sorted(run) != sorted(block):
+            return None
+    return starts
+
+
 class GaussNewton(torch.optim.Optimizer):
     """Gauss-Newton preconditioning with an inner optimizer, full or layerwise.
 
@@ -464,6 +485,9 @@ class GaussNewton(torch.optim.Optimizer):
         (the paper's code does; it drifts whenever the line search picks η < 1,
         since θ then moved only ηd).
     blocks: lists of parameter names (layerwise mode). Default: `default_blocks`.
+        Runs of consecutive default blocks (the embedding with transformer
+        block 0: one pass through the network fewer per inner step) still
+        start from cached inputs (`cached_block_starts`).
     combine: how layerwise GN joins its block directions d_l before the line
         search. "sum": d = Σ d_l, one step size for all. "span": d = Σ c_l d_l
         with the coefficients c that minimize the full GN model over the span
@@ -515,9 +539,8 @@ class GaussNewton(torch.optim.Optimizer):
         if sorted(flat) != sorted(self.named):
             raise ValueError("blocks must list every parameter of the model exactly once")
         self.blocks = [list(b) for b in blocks]
-        # Block l may start from its cached input only when the blocks are the model's own.
-        self.cached_inputs = (mode == "layerwise" and hasattr(model, "block_inputs")
-                              and hasattr(model, "gn_blocks") and self.blocks == default_blocks(model))
+        self.block_starts = cached_block_starts(model, self.blocks) if mode == "layerwise" else None
+        self.cached_inputs = self.block_starts is not None
         if min_step_size is None:
             min_step_size = 0.25 if len(self.blocks) == 1 else 2.0 ** -math.ceil(math.log2(4 * len(self.blocks)))
         self.min_step_size = min_step_size
@@ -550,7 +573,7 @@ class GaussNewton(torch.optim.Optimizer):
             inputs = [x]
             return [lambda p: functional_call(model, p, (x,), {"inputs": inputs})] + [
                 lambda p, i=i: functional_call(model, p, (inputs[i],), {"start_block": i})
-                for i in range(1, len(self.blocks))]
+                for i in self.block_starts[1:]]
         return [lambda p: functional_call(model, p, (x,))] * len(self.blocks)
 
     def _block_params(self, block):

@@ -402,6 +402,26 @@ def test_cached_layerwise_path_equals_whole_forward_path(arch):
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
+def test_runs_of_consecutive_blocks_start_from_the_cached_input_of_their_first():
+    # The embedding with transformer block 0 (train.py --merge-embedding): that block's
+    # pass starts at the tokens, the others at their cached inputs, and the step is the
+    # one the whole forward passes give for the same four blocks.
+    batches, ls = byte_batches(3, seed=0), byte_batches(2, seed=1)
+    results = []
+    for cached in (True, False):
+        model = tiny_transformer()
+        own = [names for _, names in model.gn_blocks()]
+        opt = GaussNewton(model, inner="adamw", line_search="none", blocks=[own[0] + own[1]] + own[2:])
+        assert opt.block_starts == [0] + list(range(2, len(own)))
+        opt.cached_inputs = cached
+        opt.step(batches, ls)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    model = tiny_transformer()
+    own = [names for _, names in model.gn_blocks()]
+    assert GaussNewton(model, blocks=[own[0] + own[2], own[1]] + own[3:]).block_starts is None  # not consecutive
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["full", "layerwise"])
 def test_gn_step_on_cuda_equals_cpu(mode):

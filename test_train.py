@@ -75,6 +75,7 @@ def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
     (["--opt", "gn", "--steps", "3", "--first-order-steps", "3"], "no Gauss-Newton step"),
     (["--opt", "gn", "--inner", "cg", "--first-order-steps", "1"], "cg"),
     (["--opt", "gn", "--first-order-steps", "-1"], "0 or more"),
+    (["--opt", "gn", "--merge-embedding"], "--merge-embedding"),
 ])
 def test_bad_options_give_one_line_and_exit_code_2(args, message, capsys):
     with pytest.raises(SystemExit) as exited:

@@ -175,6 +175,9 @@ def parse_args(argv=None):
     gn.add_argument("--combine", default="sum", choices=COMBINES,
                     help="layerwise: one step size for the summed block directions (sum) or one per block "
                          "from the full GN model over their span (span)")
+    gn.add_argument("--merge-embedding", action="store_true",
+                    help="layerwise: the token embedding joins transformer block 0's quadratic instead of "
+                         "having its own (one pass through the network fewer per inner step)")
     gn.add_argument("--min-step-size", type=positive(float), default=None,
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
@@ -198,6 +201,8 @@ def parse_args(argv=None):
         p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
     if not is_gn and args.inner_lr is not None:
         p.error(f"--inner-lr is Gauss-Newton's: {args.opt} takes --lr")
+    if args.merge_embedding and not (is_gn and GN_VARIANTS[args.opt][0] == "layerwise"):
+        p.error(f"--merge-embedding groups layerwise GN's blocks: {args.opt} has none")
     if args.steps is None:
         args.steps = 40 if is_gn else 400
     if args.warmup is None:
@@ -309,7 +314,7 @@ def write_atomic(path, write):
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
                 "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "ls_model_fraction",
-                "line_search", "combine", "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema",
+                "line_search", "combine", "merge_embedding", "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema",
                 "first_order_steps")
 
 
@@ -329,6 +334,12 @@ def read_checkpoint(path, model, args, device):
         fail(f"{path}: the checkpoint's model (--model {saved.get('model')}, vocabulary {vocab}) does not match "
              f"this run's (--model {args.model}, vocabulary {model.config.vocab_size})")
     return ckpt
+
+
+def embedding_with_first_block(model):
+    """Layerwise GN's blocks with the token embedding inside transformer block 0's (--merge-embedding)."""
+    blocks = [names for _, names in model.gn_blocks()]
+    return [blocks[0] + blocks[1]] + blocks[2:]
 
 
 def load_checkpoint(path, model, args, device):
@@ -393,7 +404,8 @@ def main(argv=None):
         opt = GaussNewton(model, mode=mode, inner=inner, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                           prox_linear=prox, line_search=args.line_search, min_step_size=args.min_step_size,
                           ls_model_fraction=args.ls_model_fraction, damping=args.damping,
-                          warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate, combine=args.combine)
+                          warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate, combine=args.combine,
+                          blocks=embedding_with_first_block(model) if args.merge_embedding else None)
         base_lr = args.inner_lr
     else:
         opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
