@@ -314,8 +314,8 @@ def write_atomic(path, write):
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
                 "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "ls_model_fraction",
-                "line_search", "combine", "merge_embedding", "min_step_size", "damping", "no_warm_start", "keep_iterate", "ema",
-                "first_order_steps")
+                "line_search", "combine", "merge_embedding", "min_step_size", "damping", "no_warm_start",
+                "keep_iterate", "ema", "first_order_steps")
 
 
 def read_checkpoint(path, model, args, device):
