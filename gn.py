@@ -50,6 +50,10 @@ Read this file top to bottom:
    same at every inner step: models that offer `block_inputs` and a
    `start_block` entry point let block l start there instead of rerunning
    the blocks below it (the embedding block's own pass records those inputs).
+   Block l's pass still carries its tangent forward and its residual back
+   through every block above it, so on `tiny` the five blocks' passes cost
+   3.75 training steps' worth of matrix products where full GN's one pass
+   costs 1.67 (README, Performance).
 """
 import math
 import time
