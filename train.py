@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from baselines import DEFAULT_LR, MUON_ADAMW_LR_RATIO, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
-from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean
+from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean, default_blocks
 from model import GPT, PRESETS
 
 MAX_FAILURES = 5  # non-finite steps in a row before a run gives up
@@ -338,7 +338,7 @@ def read_checkpoint(path, model, args, device):
 
 def embedding_with_first_block(model):
     """Layerwise GN's blocks with the token embedding inside transformer block 0's (--merge-embedding)."""
-    blocks = [names for _, names in model.gn_blocks()]
+    blocks = default_blocks(model)
     return [blocks[0] + blocks[1]] + blocks[2:]
 
 
