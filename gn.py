@@ -55,6 +55,7 @@ Read this file top to bottom:
    3.75 training steps' worth of matrix products where full GN's one pass
    costs 1.67 (README, Performance).
 """
+import contextlib
 import math
 import time
 
@@ -568,17 +569,29 @@ class GaussNewton(torch.optim.Optimizer):
         return opt
 
     def _block_functions(self, x):
-        """f_l: block l's parameters -> outputs, with every other block at θ0."""
+        """f_l: block l's parameters -> outputs, with every other block at θ0.
+
+        Every f_l runs the network at θ0 and differs only in its tangent, so
+        with a model that offers `shared_primals` the functions for one x
+        compute each layer's primal output once between them, not once per
+        block that runs through it.
+        """
         model = self.model
+        several = len(self.blocks) > 1
+        shared = model.shared_primals() if several and hasattr(model, "shared_primals") else contextlib.nullcontext()
+
+        def run(p, *args, **kwargs):
+            with shared:
+                return functional_call(model, p, args, kwargs)
+
         if self.cached_inputs:
             # The embedding block's pass runs the whole network and records the
             # input of every later block on its way; the blocks run in order,
             # so each later block starts from its recorded input.
             inputs = [x]
-            return [lambda p: functional_call(model, p, (x,), {"inputs": inputs})] + [
-                lambda p, i=i: functional_call(model, p, (inputs[i],), {"start_block": i})
-                for i in self.block_starts[1:]]
-        return [lambda p: functional_call(model, p, (x,))] * len(self.blocks)
+            return [lambda p: run(p, x, inputs=inputs)] + [
+                lambda p, i=i: run(p, inputs[i], start_block=i) for i in self.block_starts[1:]]
+        return [lambda p: run(p, x)] * len(self.blocks)
 
     def _block_params(self, block):
         return {n: self.named[n].detach() for n in block}

@@ -18,6 +18,8 @@ Two things here exist for Gauss-Newton (gn.py):
   `forward(h, start_block=i)` runs the network from the input of block i, so that
   layerwise GN can cache block inputs instead of rerunning the blocks below
   (`forward(idx, inputs=[])` records them on the way).
+- `shared_primals()` gives a store with which layerwise GN's block passes on
+  one micro-batch compute every kernel's primal output once, not once per block.
 """
 import math
 from dataclasses import dataclass
@@ -121,13 +123,75 @@ def _once(ctx, formula, release=False):
     return value
 
 
+# ---------------------------------------------------------------------------
+# Primals shared between the block passes of layerwise GN.
+#
+# Layerwise GN runs one pass per block over the same micro-batch, every pass
+# with every weight at θ0: only the tangent differs (block l's own), so every
+# kernel's primal output is the same in every pass. With a `SharedPrimals`
+# store each kernel call site (a module) computes its forward once; later passes
+# take the stored output, and each pass's jvp and backward still work from
+# its own saved tensors. On tiny this is a fifth of layerwise GN's matrix
+# products: block l's pass reran the primal of every layer from l up.
+# (Rotary, a cheap rotation, is recomputed.)
+# ---------------------------------------------------------------------------
+
+class SharedPrimals:
+    """A store of kernel outputs: inside `with store:` each kernel call site
+    computes its primal output once, and every later call (in this `with` or a
+    later one on the same store) takes it instead.
+
+    Valid only while the weights' primal values and the inputs stay the same,
+    as across the tangent passes of GN's blocks on one micro-batch (gn.py).
+    Holds one forward's kernel outputs for as long as the store lives.
+    """
+    active = None  # the store inside whose `with` the kernels run, if any
+    pending = None  # what the next kernel forward returns instead of computing
+
+    def __init__(self):
+        self.outputs = {}  # (site, kernel) -> primal outputs, detached
+
+    def __enter__(self):
+        self.outer, SharedPrimals.active = SharedPrimals.active, self
+        return self
+
+    def __exit__(self, *exc):
+        SharedPrimals.active = self.outer
+
+
+def apply_kernel(site, kernel, *args, share=True):
+    """kernel.apply(*args); inside a `SharedPrimals` store, its forward runs once per (site, kernel)."""
+    store = SharedPrimals.active
+    if store is None or not share:
+        return kernel.apply(*args)
+    key = (site, kernel)
+    SharedPrimals.pending = store.outputs.get(key)
+    try:
+        result = kernel.apply(*args)
+    finally:
+        SharedPrimals.pending = None
+    if key not in store.outputs:
+        store.outputs[key] = tuple(t.detach() for t in result) if isinstance(result, tuple) else result.detach()
+    return result
+
+
+def _stored_outputs():
+    """The primal outputs `apply_kernel` found stored for this forward, or None: a kernel's forward returns them."""
+    stored, SharedPrimals.pending = SharedPrimals.pending, None
+    if stored is None:
+        return None
+    # Fresh aliases: autograd attaches this call's graph and tangent to them.
+    return tuple(t.detach() for t in stored) if isinstance(stored, tuple) else stored.detach()
+
+
 class LinearFunction(torch.autograd.Function):
     """y = x Wᵀ. Tangent dx Wᵀ + x dWᵀ; gradients g W and gᵀx."""
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, weight):
-        return F.linear(x, weight)
+        stored = _stored_outputs()
+        return F.linear(x, weight) if stored is None else stored
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -159,7 +223,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if has_tangent(x) or has_tangent(self.weight):
-            return LinearFunction.apply(x, self.weight)
+            return apply_kernel(self, LinearFunction, x, self.weight)
         return F.linear(x, self.weight)
 
 
@@ -175,6 +239,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, eps):
+        stored = _stored_outputs()
+        if stored is not None:
+            return stored
         r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         n = x * r
         return n * weight, n, r
@@ -224,6 +291,9 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):
+        stored = _stored_outputs()
+        if stored is not None:
+            return stored
         y, n, r = RMSNormFunction.forward(_center(x), weight, eps)
         return y + bias, n, r
 
@@ -287,7 +357,8 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(a, b):
-        return F.silu(a) * b
+        stored = _stored_outputs()
+        return F.silu(a) * b if stored is None else stored
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -327,7 +398,8 @@ class GELUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(a):
-        return F.gelu(a, approximate="tanh")
+        stored = _stored_outputs()
+        return F.gelu(a, approximate="tanh") if stored is None else stored
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -383,6 +455,9 @@ class CausalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v):
+        stored = _stored_outputs()
+        if stored is not None:
+            return stored
         T = q.shape[-2]
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         q3, k3 = q.flatten(0, -3), k.flatten(0, -3)
@@ -435,7 +510,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return RMSNormFunction.apply(x, self.weight, self.eps)[0]
+        return apply_kernel(self, RMSNormFunction, x, self.weight, self.eps)[0]
 
 
 class LayerNorm(RMSNorm):
@@ -444,7 +519,7 @@ class LayerNorm(RMSNorm):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)[0]
+        return apply_kernel(self, LayerNormFunction, x, self.weight, self.bias, self.eps)[0]
 
 
 def rotary_tables(head_dim, length, base):
@@ -485,7 +560,9 @@ class CausalSelfAttention(nn.Module):
         q, k = RotaryFunction.apply(qkv[:2], cos, sin)  # queries and keys in one go
         v = qkv[2]
         if any(has_tangent(t) for t in (q, k, v)):
-            y = CausalAttentionFunction.apply(q, k, v)[0]
+            # On CUDA the probabilities (T×T per head) are not kept past the pass: not shared.
+            y = apply_kernel(self, CausalAttentionFunction, q, k, v,
+                             share=CausalAttentionFunction.reuse_probabilities(q))[0]
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -499,7 +576,7 @@ class SwiGLU(nn.Module):
         self.down = Linear(config.mlp_hidden, config.n_embd)
 
     def forward(self, x):
-        return self.down(SwiGLUFunction.apply(self.gate(x), self.up(x)))
+        return self.down(apply_kernel(self, SwiGLUFunction, self.gate(x), self.up(x)))
 
 
 class GELUMLP(nn.Module):
@@ -509,7 +586,7 @@ class GELUMLP(nn.Module):
         self.down = Linear(config.mlp_hidden, config.n_embd)
 
     def forward(self, x):
-        return self.down(GELUFunction.apply(self.up(x)))
+        return self.down(apply_kernel(self, GELUFunction, self.up(x)))
 
 
 class Block(nn.Module):
@@ -599,6 +676,10 @@ class GPT(nn.Module):
                 h = block(record(h), cos, sin)
             h = record(self.norm(h))
         return self.head(h)
+
+    def shared_primals(self):
+        """A store with which GN's block passes on one micro-batch share their primals (`SharedPrimals`)."""
+        return SharedPrimals()
 
     @torch.no_grad()
     def block_inputs(self, idx):

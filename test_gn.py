@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import model as model_module
 from gn import (COMBINES, CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
                 model_gradient, model_step_size, span_model, span_step_sizes, step_size_grid)
 from model import (GPT, GPTConfig, PAPER_ARCH, PRESETS, CausalAttentionFunction, GELUFunction, LayerNormFunction,
@@ -420,6 +421,38 @@ def test_runs_of_consecutive_blocks_start_from_the_cached_input_of_their_first()
     model = tiny_transformer()
     own = [names for _, names in model.gn_blocks()]
     assert GaussNewton(model, blocks=[own[0] + own[2], own[1]] + own[3:]).block_starts is None  # not consecutive
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("merge_embedding", [False, True], ids=["five-blocks", "embedding-with-block-0"])
+def test_block_passes_sharing_their_primals_give_each_pass_alone(arch, merge_embedding, monkeypatch):
+    # Every block's ∇Q at some Δ ≠ 0 with the passes sharing their primals (the model's
+    # shared_primals) against each pass computing its own (a model without it).
+    (x, y), = byte_batches(1, seed=0)
+    model = tiny_transformer(arch=arch)
+    own = [names for _, names in model.gn_blocks()]
+    opt = GaussNewton(model, inner="adamw", blocks=[own[0] + own[1]] + own[2:] if merge_embedding else None)
+    torch.manual_seed(1)
+    for t in opt.iterate.values():
+        t.add_(0.1 * torch.randn_like(t))
+    reused = []  # per kernel forward: did it take a stored output?
+
+    def stored_outputs(original=model_module._stored_outputs):
+        stored = original()
+        reused.append(stored is not None)
+        return stored
+
+    monkeypatch.setattr(model_module, "_stored_outputs", stored_outputs)
+    shared = opt.inner_gradients(x, y)
+    assert any(reused)
+    reused.clear()
+    with monkeypatch.context() as m:
+        m.delattr(GPT, "shared_primals")
+        alone = opt.inner_gradients(x, y)
+    assert reused and not any(reused)
+    for got, expected in zip(shared, alone):
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
