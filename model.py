@@ -21,6 +21,7 @@ Two things here exist for Gauss-Newton (gn.py):
 - `shared_primals()` gives a store with which layerwise GN's block passes on
   one micro-batch compute every kernel's primal output once, not once per block.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -188,14 +189,23 @@ def _stored_outputs():
     return None if stored is None else _detached(stored)
 
 
+def _or_stored(forward):
+    """A kernel's forward that returns the outputs `apply_kernel` found stored, if any, instead of computing them."""
+    @functools.wraps(forward)
+    def forward_or_stored(*args):
+        stored = _stored_outputs()
+        return forward(*args) if stored is None else stored
+    return forward_or_stored
+
+
 class LinearFunction(torch.autograd.Function):
     """y = x Wᵀ. Tangent dx Wᵀ + x dWᵀ; gradients g W and gᵀx."""
     generate_vmap_rule = True
 
     @staticmethod
+    @_or_stored
     def forward(x, weight):
-        stored = _stored_outputs()
-        return F.linear(x, weight) if stored is None else stored
+        return F.linear(x, weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -242,10 +252,8 @@ class RMSNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @_or_stored
     def forward(x, weight, eps):
-        stored = _stored_outputs()
-        if stored is not None:
-            return stored
         r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         n = x * r
         return n * weight, n, r
@@ -294,10 +302,8 @@ class LayerNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @_or_stored
     def forward(x, weight, bias, eps):
-        stored = _stored_outputs()
-        if stored is not None:
-            return stored
         y, n, r = RMSNormFunction.forward(_center(x), weight, eps)
         return y + bias, n, r
 
@@ -360,9 +366,9 @@ class SwiGLUFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @_or_stored
     def forward(a, b):
-        stored = _stored_outputs()
-        return F.silu(a) * b if stored is None else stored
+        return F.silu(a) * b
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -401,9 +407,9 @@ class GELUFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @_or_stored
     def forward(a):
-        stored = _stored_outputs()
-        return F.gelu(a, approximate="tanh") if stored is None else stored
+        return F.gelu(a, approximate="tanh")
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -458,10 +464,8 @@ class CausalAttentionFunction(torch.autograd.Function):
         return q.device.type == "cpu"
 
     @staticmethod
+    @_or_stored
     def forward(q, k, v):
-        stored = _stored_outputs()
-        if stored is not None:
-            return stored
         T = q.shape[-2]
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         q3, k3 = q.flatten(0, -3), k.flatten(0, -3)
