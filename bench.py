@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from baselines import make_optimizer
+from compare import provenance
 from data import MicroBatches, load_dataset
 from gn import GaussNewton
 from model import GPT, PRESETS
@@ -246,13 +247,14 @@ def memory_in_fresh_process(args, kind):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=BENCH_PRESETS, default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=positive(int), default=None, help="timed rounds (default: the preset's)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: the preset's, else torch's)")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON (with the command, commit and date)")
     p.add_argument("--outer", action="store_true", help="time whole outer steps (see above)")
     p.add_argument("--ls-fraction", type=positive(float), default=LS_FRACTION,
                    help="--outer: line-search micro-batches as a fraction of K (default: train.py's)")
@@ -263,7 +265,7 @@ def main(argv=None):
         torch.set_num_threads(threads)
     device = torch.device(args.device)
     if args.outer:
-        results = bench_outer(args, device, getattr(torch, args.dtype))
+        results = {**provenance("bench.py", argv), **bench_outer(args, device, getattr(torch, args.dtype))}
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
@@ -300,6 +302,7 @@ def main(argv=None):
         print(f"{k:40} {v:6.2f}  {verdict}")
     print(f"({time.perf_counter() - start:.0f} s)")
     results = {
+        **provenance("bench.py", argv),
         "train_step_s": times["train"], "gn_inner_s": times["gn"], "layerwise_inner_s": times["layerwise"],
         "naive_layerwise_inner_s": times["naive"], "n_blocks": n_blocks,
         "train_step_peak_mb": memory["train"], "gn_inner_peak_mb": memory["gn"],

@@ -1,5 +1,6 @@
 """Compare Gauss-Newton against tuned first-order baselines: steps to a target loss.
 
+    python compare.py --quick                  # the newcomer's race: Muon, full and layerwise GN at defaults (3 min)
     python compare.py                          # the headline: every optimizer at 64K tokens per step (25 min)
     python compare.py --batch-sweep            # Muon and GN from 4K to 256K tokens per step (65 min)
     python compare.py --preset 45m --data DIR  # the paper's 45M model on a GPU (C4, T5 tokens)
@@ -32,22 +33,27 @@ below it more data per step buys fewer steps, above it hardly any.
 Every run is `train.py` in its own process (--jobs at a time, each with its
 share of the cores), so the peak memory is per run: torch.cuda.max_memory_allocated
 on CUDA, the process's maximum resident set size on CPU. Writes to --out DIR:
-results.json and loss.png (and batch.json, batch.png, batch_loss.png), one
-directory per run with train.py's metrics.jsonl, config.json and train.log. A
-finished run with the same train.py arguments is reused, so an interrupted
-comparison continues where it stopped (delete DIR to run everything again).
+results.json and results.png (or batch.json, batch.png, batch_loss.png), one
+directory per run with train.py's metrics.jsonl, config.json and train.log
+(--results FILE puts the JSON there instead, the plots beside it). Every JSON
+names the command, the commit and the date that made it. A finished run with
+the same train.py arguments is reused, so an interrupted comparison continues
+where it stopped (delete DIR to run everything again).
 """
 import argparse
+import datetime
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from train import FIRST_ORDER, GN_VARIANTS, ArgumentParser
+from baselines import DEFAULT_LR
+from train import FIRST_ORDER, GN_INNER_LR, GN_VARIANTS, ArgumentParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,6 +93,12 @@ PAPER_GN_LR = {"gn": [0.01], "gn_layerwise": [0.01], "gn_prox": [0.01], "gn_laye
 
 PRESETS = {
     "cpu": CPU,
+    # The newcomer's race (--quick): Muon against full and layerwise GN at 64K
+    # tokens per step, past Muon's critical batch on tiny, each at train.py's
+    # default lr (no sweep), to the cpu preset's target.
+    "quick": dict(CPU, opts=["muon", "gn", "gn_layerwise"],
+                  lrs={"muon": [DEFAULT_LR["muon"]], "gn": [GN_INNER_LR["muon"]],
+                       "gn_layerwise": [GN_INNER_LR["muon"]]}),
     "45m": dict(PAPER, model="paper45m", init=dict(PAPER_INIT, lr=2e-3),
                 lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [0.01, 0.02, 0.04],
                      "soap": [1.5e-3, 3e-3, 6e-3], "shampoo": [1e-3, 2e-3, 4e-3], **PAPER_GN_LR}),
@@ -131,10 +143,32 @@ def fail(message):
     sys.exit(2)
 
 
+def provenance(script, argv):
+    """What made a results file: the command, the commit it ran at and the date (UTC).
+
+    The commit is suffixed "-dirty" when tracked files differ from it, and is
+    None outside a git checkout.
+    """
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {"command": shlex.join(["python", script, *argv]), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description="Steps to a target loss: Gauss-Newton against tuned first-order baselines.")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model, batches, budgets and grids")
+    p.add_argument("--quick", action="store_true",
+                   help="the newcomer's race (--preset quick): Muon, full and layerwise GN at their defaults")
     p.add_argument("--out", default=None, help="output directory (default: runs/compare-PRESET)")
+    p.add_argument("--results", default=None, metavar="FILE",
+                   help="where the results JSON goes, the plots beside it (default: in --out)")
     p.add_argument("--target-loss", type=float, default=None,
                    help="validation loss to reach (default: the preset's, else the best baseline's final loss)")
     p.add_argument("--opts", default=None,
@@ -148,6 +182,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="train.py's --device")
     p.add_argument("--seed", type=int, default=0, help="the seed of every run (the batch sweep adds seed+1)")
     args = p.parse_args(argv)
+    if args.quick:
+        if args.preset not in ("cpu", "quick") or args.batch_sweep:
+            p.error("--quick is its own preset: not with --preset or --batch-sweep")
+        args.preset = "quick"
     preset = PRESETS[args.preset]
     if args.opts:
         args.opts = args.opts.split(",")
@@ -172,6 +210,8 @@ def parse_args(argv=None):
         args.out = os.path.join("runs", f"compare-{args.preset}")
     if args.data is not None:
         args.data = os.path.abspath(args.data)
+    if args.results is None:
+        args.results = os.path.join(args.out, "batch.json" if args.batch_sweep else "results.json")
     args.init_from = None  # the warm-up's checkpoint, once main has run it
     return args
 
@@ -546,28 +586,33 @@ def plot_batch(path, results):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    plots = os.path.splitext(args.results)[0]
+    made_by = provenance("compare.py", argv)
     try:
         if "init" in preset:
             args.init_from = warm_up(args)
         if args.batch_sweep:
             results, best_runs = batch_sweep(args, args.target_loss)
+            results = {**made_by, **results}
             print("\n" + batch_table(results))
-            with open(os.path.join(args.out, "batch.json"), "w") as f:
+            with open(args.results, "w") as f:
                 json.dump(results, f, indent=2)
-            plot_batch(os.path.join(args.out, "batch.png"), results)
+            plot_batch(plots + ".png", results)
             largest = max(preset["batch_sweep"]) * preset["batch_size"] * preset["seq_len"]
-            plot_losses(os.path.join(args.out, "batch_loss.png"), best_runs, results["target_loss"],
+            plot_losses(plots + "_loss.png", best_runs, results["target_loss"],
                         f"{preset['model']}, {largest} tokens per outer step")
-            print(f"results: {os.path.join(args.out, 'batch.json')}")
+            print(f"results: {args.results}")
             return results
         mb = preset["micro_batches"]
         target, best, best_runs, summaries = compare(args, mb, args.target_loss)
     except (RuntimeError, RunRejected) as e:
         fail(str(e))
-    results = {"target_loss": target, "preset": args.preset,
+    results = {**made_by, "target_loss": target, "preset": args.preset,
                "target_rule": "preset's" if preset["target_loss"] is not None and args.target_loss == target
                else ("given" if args.target_loss is not None else "best baseline's final val loss"),
                "outer_batch_tokens": mb * preset["batch_size"] * preset["seq_len"],
@@ -577,11 +622,11 @@ def main(argv=None):
         grid = [s["lr"] for s in summaries[opt]]
         if len(grid) > 1 and best[opt]["lr"] in (min(grid), max(grid)):
             print(f"note: {opt}'s best lr {best[opt]['lr']:g} is at the edge of its grid {sorted(grid)}")
-    plot_losses(os.path.join(args.out, "loss.png"), best_runs, target,
+    plot_losses(plots + ".png", best_runs, target,
                 f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(args.results, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"results: {os.path.join(args.out, 'results.json')}")
+    print(f"results: {args.results}")
     return results
 
 

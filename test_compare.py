@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -157,7 +158,8 @@ def test_gpu_presets_start_every_run_from_one_warm_up_with_the_papers_recipe(tmp
 
 
 @pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--preset", "smoke", "--opts", "gn"],
-                                  ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"]])
+                                  ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"],
+                                  ["--quick", "--batch-sweep"], ["--quick", "--preset", "45m"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         compare.parse_args(argv)
@@ -179,6 +181,10 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
     results = compare.main(["--preset", "smoke", "--out", str(out)])
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["preset"] == "smoke" and set(results["runs"]) == {"adamw", "gn"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    assert results["command"] == f"python compare.py --preset smoke --out {out}"
+    assert results["commit"] is None or results["commit"].split("-")[0] == head
+    assert results["date"].startswith(time.strftime("%Y-", time.gmtime()))
     keys = {"steps_to_target", "tokens_to_target", "time_to_target_s", "final_val_loss", "lr"}
     for summary in results["runs"].values():
         assert keys <= set(summary)
@@ -201,3 +207,23 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
     assert compare.main(["--preset", "smoke", "--out", str(out)]) == results
     n_runs = sum(len(sweep) for sweep in results["lr_sweeps"].values())
     assert capsys.readouterr().out.count("reusing the finished run") == n_runs
+    # --results puts the JSON elsewhere, with the same runs
+    elsewhere = tmp_path / "results" / "smoke.json"
+    again = compare.main(["--preset", "smoke", "--out", str(out), "--results", str(elsewhere)])
+    assert json.loads(elsewhere.read_text()) == json.loads(json.dumps(again))
+    assert again["runs"] == results["runs"]
+
+
+def test_quick_race_is_muon_and_gn_at_train_py_defaults_past_muons_critical_batch():
+    args = compare.parse_args(["--quick"])
+    preset = compare.PRESETS["quick"]
+    assert args.preset == "quick" and args.opts == ["muon", "gn", "gn_layerwise"] and args.out == "runs/compare-quick"
+    assert preset["micro_batches"] == 64 and preset["target_loss"] == compare.PRESETS["cpu"]["target_loss"]
+    for opt in args.opts:
+        defaults = train.parse_args(["--opt", opt])
+        default_lr = defaults.inner_lr if opt.startswith("gn") else defaults.lr
+        assert preset["lrs"][opt] == [default_lr]
+        argv = compare.train_argv(args, "dir", opt, preset["lrs"][opt][0], preset["micro_batches"], seed=0)
+        parsed = train.parse_args(argv)
+        assert (parsed.micro_batches, parsed.batch_size, parsed.seq_len) == (64, 16, 64)
+        assert (parsed.inner_lr if opt.startswith("gn") else parsed.lr) == default_lr

@@ -22,9 +22,26 @@ SMALL_RUN = ["--steps", "3", "--micro-batches", "2", "--batch-size", "4", "--seq
              "--eval-batches", "2", "--sample-tokens", "0"]
 
 
-def run_train(*args, launcher=(sys.executable,)):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*launcher, "train.py", *args], capture_output=True, text=True, timeout=240, env=env)
+# Every train.py process the tests start runs in this one environment: float32 round-off depends on the
+# number of threads, so two runs compared step by step must have the same, whatever the machine's default.
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start_train(*args, launcher=(sys.executable,)):
+    """train.py with args in its own process, in TRAIN_ENV."""
+    return subprocess.Popen([*launcher, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=TRAIN_ENV)
+
+
+def run_train(*args, launcher=(sys.executable,), timeout=240):
+    """train.py with args to its end (start_train); returns its exit code and output."""
+    process = start_train(*args, launcher=launcher)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def read_metrics(directory):
@@ -295,8 +312,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(opt, tmp_path):
             "--seq-len", "16", "--sample-tokens", "0"]
     assert run_train(*args, "--out", str(tmp_path / "whole")).returncode == 0
     parts = tmp_path / "parts"
-    process = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(parts)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_train(*args, "--out", str(parts))
     metrics = parts / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
