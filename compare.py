@@ -181,6 +181,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="train.py's --data (default: the embedded corpus)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="train.py's --device")
     p.add_argument("--seed", type=int, default=0, help="the seed of every run (the batch sweep adds seed+1)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: the comparison on each, with medians and ranges (needs a fixed target)")
     args = p.parse_args(argv)
     if args.quick:
         if args.preset not in ("cpu", "quick") or args.batch_sweep:
@@ -200,6 +202,16 @@ def parse_args(argv=None):
         p.error("without a baseline in --opts there is no default target: give --target-loss")
     if args.batch_sweep and args.target_loss is None:
         p.error(f"--batch-sweep needs a fixed target: give --target-loss (preset {args.preset} has none)")
+    if args.seeds is not None:
+        try:
+            args.seeds = sorted({int(seed) for seed in args.seeds.split(",")})
+        except ValueError:
+            p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        if args.batch_sweep or args.target_loss is None:
+            p.error("--seeds needs a fixed target and is not for --batch-sweep")
+        args.seed = args.seeds[0]
+    else:
+        args.seeds = [args.seed]
     if args.jobs is None:
         import torch  # only to see whether runs will share a GPU
         on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -422,6 +434,40 @@ def compare(args, micro_batches, target_loss):
     return target_loss, best, best_runs, summaries
 
 
+def compare_seeds(args, micro_batches, target_loss):
+    """compare() at a fixed target on every seed of args.seeds, all their sweeps in one pool.
+
+    Returns {seed: ({opt: summary of its best run}, {opt: its best run}, {opt: every lr's summary})}.
+    """
+    runs = run_all(args, [(o, micro_batches, s, target_loss) for s in args.seeds for o in args.opts])
+    by_seed = {}
+    for seed in args.seeds:
+        summaries = {o: [summarize(r, target_loss) for r in runs[(o, micro_batches, seed, target_loss)]]
+                     for o in args.opts}
+        best = {o: best_of(v) for o, v in summaries.items()}
+        best_runs = {o: runs[(o, micro_batches, seed, target_loss)][summaries[o].index(best[o])] for o in args.opts}
+        by_seed[seed] = (best, best_runs, summaries)
+    return by_seed
+
+
+def median_and_range(values):
+    """Median, min and max of values, where None (the target not reached) counts as worse than any number:
+    a median or max that falls on it is None."""
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    middle = ordered[(len(ordered) - 1) // 2: len(ordered) // 2 + 1]
+    median = None if None in middle else sum(middle) / len(middle)
+    return {"median": median, "min": ordered[0], "max": ordered[-1]}
+
+
+def over_seeds(by_seed):
+    """Per optimizer: steps, tokens and seconds to target on each seed, with their medians and ranges."""
+    opts = next(iter(by_seed.values()))[0]
+    return {opt: {key: {"by_seed": [by_seed[s][0][opt][key] for s in by_seed],
+                        **median_and_range([by_seed[s][0][opt][key] for s in by_seed])}
+                  for key in ("steps_to_target", "tokens_to_target", "time_to_target_s")}
+            for opt in opts}
+
+
 # ---------------------------------------------------------------------------
 # The critical batch
 
@@ -496,7 +542,8 @@ def table(results):
     runs = results["runs"]
     baseline_steps = [s["steps_to_target"] for o, s in runs.items() if o in FIRST_ORDER and s["steps_to_target"]]
     reference = min(baseline_steps) if baseline_steps else None
-    lines = [f"target validation loss {results['target_loss']:.4f} (preset {results['preset']})", "",
+    lines = [f"target validation loss {results['target_loss']:.4f} (preset {results['preset']}, "
+             f"seed {results['seeds'][0]})", "",
              "| optimizer | lr | steps to target | best baseline's steps / steps | tokens to target | "
              "time to target (s) | final val loss | peak memory (MB) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -508,6 +555,20 @@ def table(results):
         reached = steps if steps else f"not in {s['steps_run']}"
         lines.append(f"| {opt} | {s['lr']:g} | {reached} | {ratio} | {s['tokens_to_target'] or '-'} | "
                      f"{s['time_to_target_s'] or '-'} | {final} | {memory} |")
+    return "\n".join(lines)
+
+
+def seeds_table(results):
+    """Markdown table: steps, tokens and seconds to target per optimizer, median and range over the seeds."""
+    def cell(entry, scale=1, digits=0):
+        fmt = lambda v: "-" if v is None else f"{v / scale:.{digits}f}"
+        return f"{fmt(entry['median'])} ({fmt(entry['min'])}-{fmt(entry['max'])})"
+    lines = [f"validation loss {results['target_loss']:.4f}, seeds {results['seeds']}: median (range); "
+             "- is not reached", "",
+             "| optimizer | lr | steps to target | tokens to target (M) | time to target (s) |", "|---|---|---|---|---|"]
+    for opt, e in results["over_seeds"].items():
+        lines.append(f"| {opt} | {results['runs'][opt]['lr']:g} | {cell(e['steps_to_target'])} | "
+                     f"{cell(e['tokens_to_target'], 1e6, 2)} | {cell(e['time_to_target_s'])} |")
     return "\n".join(lines)
 
 
@@ -609,15 +670,24 @@ def main(argv=None):
             print(f"results: {args.results}")
             return results
         mb = preset["micro_batches"]
-        target, best, best_runs, summaries = compare(args, mb, args.target_loss)
+        if len(args.seeds) > 1:
+            by_seed = compare_seeds(args, mb, args.target_loss)
+            target, (best, best_runs, summaries) = args.target_loss, by_seed[args.seeds[0]]
+        else:
+            target, best, best_runs, summaries = compare(args, mb, args.target_loss)
     except (RuntimeError, RunRejected) as e:
         fail(str(e))
-    results = {**made_by, "target_loss": target, "preset": args.preset,
+    results = {**made_by, "target_loss": target, "preset": args.preset, "seeds": args.seeds,
                "target_rule": "preset's" if preset["target_loss"] is not None and args.target_loss == target
                else ("given" if args.target_loss is not None else "best baseline's final val loss"),
                "outer_batch_tokens": mb * preset["batch_size"] * preset["seq_len"],
                "budget_steps": preset["budget"][mb], "runs": best, "lr_sweeps": summaries}
+    if len(args.seeds) > 1:
+        results["over_seeds"] = over_seeds(by_seed)
+        results["by_seed"] = {str(seed): {"runs": b, "lr_sweeps": s} for seed, (b, _, s) in by_seed.items()}
     print("\n" + table(results))
+    if len(args.seeds) > 1:
+        print("\n" + seeds_table(results))
     for opt in args.opts:
         grid = [s["lr"] for s in summaries[opt]]
         if len(grid) > 1 and best[opt]["lr"] in (min(grid), max(grid)):

@@ -53,7 +53,7 @@ def test_best_run_reaches_the_target_first_then_has_the_lower_final_loss():
 def test_table_gives_steps_relative_to_the_best_baseline():
     runs = {"adamw": compare.summarize(run_of([3.0, 2.5, 2.4, 2.0]), 2.0),
             "gn": compare.summarize(run_of([2.5, 2.0]), 2.0)}
-    text = compare.table({"target_loss": 2.0, "preset": "cpu", "runs": runs})
+    text = compare.table({"target_loss": 2.0, "preset": "cpu", "seeds": [0], "runs": runs})
     assert "| adamw | 0.001 | 4 | 1.00x |" in text
     assert "| gn | 0.001 | 2 | 2.00x |" in text
 
@@ -159,7 +159,8 @@ def test_gpu_presets_start_every_run_from_one_warm_up_with_the_papers_recipe(tmp
 
 @pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--preset", "smoke", "--opts", "gn"],
                                   ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"],
-                                  ["--quick", "--batch-sweep"], ["--quick", "--preset", "45m"]])
+                                  ["--quick", "--batch-sweep"], ["--quick", "--preset", "45m"],
+                                  ["--preset", "smoke", "--seeds", "0,1"], ["--seeds", "0,x"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         compare.parse_args(argv)
@@ -212,6 +213,26 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
     again = compare.main(["--preset", "smoke", "--out", str(out), "--results", str(elsewhere)])
     assert json.loads(elsewhere.read_text()) == json.loads(json.dumps(again))
     assert again["runs"] == results["runs"]
+
+
+def test_seeds_give_each_seeds_runs_and_their_median_and_range(tmp_path, capsys):
+    out = tmp_path / "out"
+    results = compare.main(["--preset", "smoke", "--opts", "gn", "--target-loss", "4.5", "--seeds", "1,0,2",
+                            "--out", str(out)])
+    assert results["seeds"] == [0, 1, 2] and set(results["by_seed"]) == {"0", "1", "2"}
+    steps = []
+    for seed in (0, 1, 2):
+        records = compare.read_metrics(out / "runs" / ("gn-mb2-lr0.02" + (f"-seed{seed}" if seed else "")))
+        assert json.loads((out / "runs" / ("gn-mb2-lr0.02" + (f"-seed{seed}" if seed else "")) / "config.json")
+                          .read_text())["seed"] == seed
+        reached = [r["step"] for r in records if r["val_loss"] <= 4.5]
+        steps.append(reached[0] if reached else None)
+        assert results["by_seed"][str(seed)]["runs"]["gn"]["steps_to_target"] == steps[-1]
+    entry = results["over_seeds"]["gn"]["steps_to_target"]
+    assert entry["by_seed"] == steps
+    if None not in steps:
+        assert (entry["median"], entry["min"], entry["max"]) == (sorted(steps)[1], min(steps), max(steps))
+    assert "median (range)" in capsys.readouterr().out
 
 
 def test_quick_race_is_muon_and_gn_at_train_py_defaults_past_muons_critical_batch():
