@@ -420,9 +420,9 @@ def split_muon_params(named_params):
     return muon_named, adamw_named
 
 
-# Learning rates that trained the tiny preset best: train.py's defaults (100
-# steps of 8 micro-batches x 16 x 64 tokens, warmup then cosine); the README
-# lists the sweep.
+# Learning rates that trained the tiny preset best (100 steps of 8
+# micro-batches x 16 x 64 tokens, warmup then cosine): train.py's defaults.
+# compare.py sweeps around them (results/README.md, "Six optimizers at 64K").
 DEFAULT_LR = {"adamw": 3e-3, "muon": 0.06, "soap": 9e-3, "shampoo": 3e-3}
 
 # Muon's AdamW groups (embedding, head, gains) step at this fraction of Muon's
@@ -434,7 +434,8 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "muon": Muon, "soap": SOAP, "shampoo":
 
 
 # Adam's betas per optimizer (for Muon: its AdamW groups'). SOAP keeps its
-# reference code's (0.95, 0.95), which README Results measures against (0.9, 0.95).
+# reference code's (0.95, 0.95); (0.9, 0.95) did no better at its best lr
+# (results/README.md, "Earlier studies").
 DEFAULT_BETAS = {"adamw": (0.9, 0.95), "muon": (0.9, 0.95), "soap": (0.95, 0.95), "shampoo": (0.9, 0.95)}
 
 

@@ -54,9 +54,9 @@ Read this file top to bottom:
    through every block above it. Every pass runs the network at θ0, so the
    primal outputs are the same in all of them: with a model that offers
    `shared_primals` they are computed once per micro-batch, not once per
-   block above each layer. On `tiny` the five blocks' passes then cost 3.04
-   training steps' worth of matrix products (3.75 without sharing) where
-   full GN's one pass costs 1.67 (README, Performance).
+   block above each layer. Even so, block l's tangent and residual run
+   through every layer above it, so the blocks' passes together cost about
+   (L + 1)/2 full-GN passes, not one (results/README.md, "The cost of a step").
 """
 import contextlib
 import math
@@ -472,11 +472,11 @@ class GaussNewton(torch.optim.Optimizer):
     inner_schedule: "cosine" (restarted every outer step) or "constant".
     clip: max gradient norm of each block's inner gradient (None: no clip).
     prox_linear: minimize ℓ(z0 + JΔ) instead of its quadratic model.
-    line_search: "model" (the full GN model's own step, verified: on tiny
-        it beat the paper's grid per step for full GN, was steadier across
-        inner lrs for layerwise, and costs one forward pass instead of five
-        or more), "grid", "backtracking", "none" or "paper" (the authors'
-        rule: the grid's best, always a step; see `line_search`).
+    line_search: "model" (the full GN model's own step, verified by the true
+        loss: one forward pass instead of the grid's five or more, and never
+        a step that raises the loss; results/README.md, "Earlier studies"),
+        "grid", "backtracking", "none" or "paper" (the authors' rule: the
+        grid's best, always a step; see `line_search`).
         min_step_size: the smallest step tried (below it only when η* lies
         lower, and never for "paper"; layerwise blocks each solve
         their own quadratic as if the others stood still, so their sum
@@ -484,9 +484,8 @@ class GaussNewton(torch.optim.Optimizer):
         ls_model_fraction: the share of the line-search batches that η*'s
         slope and curvature come from (the span model's too); the losses
         the step is checked with come from all of them. Half cuts the line
-        search by a quarter; on tiny full GN took the same steps to target as
-        with all in six runs, layerwise 55 steps over six runs against 57
-        (README, "Defaults these runs set").
+        search by a quarter at no measured cost in steps (results/README.md,
+        "Earlier studies").
     damping: λ, adds λ/2‖Δ‖² to each quadratic.
     warm_start: keep the inner optimizers' state across outer steps.
     keep_iterate: also keep the inner iterate where the last inner loop ended

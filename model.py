@@ -7,7 +7,7 @@ options switch to the authors' own variant of it (presets paper45m and
 paper150m): a GELU MLP, separate q, k and v matrices, LayerNorm on queries
 and keys, and their init.
 
-Two things here exist for Gauss-Newton (gn.py):
+Three things here exist for Gauss-Newton (gn.py):
 - Forward-mode AD works through the whole model, and cheaply: linear layers,
   RMSNorm, LayerNorm, rotary, SwiGLU, GELU and attention are autograd
   Functions with their own tangent and gradient formulas (see "Kernels"
@@ -92,7 +92,7 @@ PRESETS = {
 # reverse-over-forward), and each such recorded op keeps its inputs alive
 # until the backward. GN never differentiates a tangent; in the kernels below
 # the tangent comes from detached saved tensors, so no tangent carries a graph.
-# That cut GN's peak memory and time (README, Performance). Views, residual
+# That cuts GN's peak memory and time (results/README.md). Views, residual
 # adds and the embedding lookup need nothing: their tangent never meets an
 # activation. Rotary is a Function only because autograd's tangent formula for
 # a product with a constant table takes a slow path through zero tensors.
@@ -132,9 +132,8 @@ def _once(ctx, formula, release=False):
 # kernel's primal output is the same in every pass. With a `SharedPrimals`
 # store each kernel call site (a module) computes its forward once; later passes
 # take the stored output, and each pass's jvp and backward still work from
-# its own saved tensors. Block l's pass used to rerun the primal of every
-# layer from l up: on tiny 34 of layerwise GN's 180 matrix products per
-# micro-batch. (Rotary, a cheap rotation, is recomputed.)
+# its own saved tensors, instead of rerunning the primal of every layer from
+# l up. (Rotary, a cheap rotation, is recomputed.)
 # ---------------------------------------------------------------------------
 
 class SharedPrimals:
@@ -145,8 +144,8 @@ class SharedPrimals:
     Valid only while the weights' primal values and the inputs stay the same,
     as across the tangent passes of GN's blocks on one micro-batch (gn.py),
     and only for modules that call each kernel once per forward, as every
-    module here does. Holds one forward's kernel outputs for as long as the
-    store lives (on tiny, bench.py's layerwise peak memory 36 -> 43 MB).
+    module here does. Holds one forward's kernel outputs, the logits
+    included, for as long as the store lives.
     """
     active = None  # the store inside whose `with` the kernels run, if any
     pending = None  # what the next kernel forward returns instead of computing

@@ -73,11 +73,9 @@ def paper_recipe(opt):
     return {**PAPER_RECIPE["gauss_newton"], **layerwise}
 
 
-# GN's line search takes this fraction of the inner loop's micro-batches. On
-# tiny an eighth reached the target in as many steps as a quarter at 256
-# inner micro-batches (two seeds) and one step sooner at 64; a sixteenth
-# took 11 steps instead of 7 and 10 at 256, and a tenth 8, 9, 9 against the
-# eighth's 7, 10, 9 on three seeds (README, "Defaults these runs set").
+# GN's line search takes this fraction of the inner loop's micro-batches (the
+# paper: as many): an eighth took as few steps to target as a quarter, a
+# sixteenth more (results/README.md, "Earlier studies").
 LS_FRACTION = 1 / 8
 
 
@@ -238,9 +236,8 @@ def parse_args(argv=None):
 
 
 # Peak inner learning rates for the tiny preset, by inner solver. Inner Muon:
-# 0.01 for full and layerwise GN, the best of compare.py's sweeps (README
-# Results); at 256 micro-batches layerwise with 0.04 overshot so far that every
-# step was cut to 1/32. The paper used Muon 0.01 at 45M.
+# 0.01 for full and layerwise GN, the best of compare.py's sweeps at 64K
+# tokens per step (results/README.md, "Batch sweep"); the paper used 0.01 at 45M.
 GN_INNER_LR = {"adamw": 3e-3, "muon": 0.01, "soap": 3e-3, "shampoo": 3e-3, "cg": 1.0}
 
 
