@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 
+ATTENTION_BACKWARDS = ("auto", "reuse", "recompute")  # GPTConfig.attention_backward
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 256
@@ -48,11 +51,19 @@ class GPTConfig:
     # "gpt2": N(0, 0.02²) weights, residual projections scaled by 1/√(2 n_layer);
     # or "fan_in": N(0, 1/fan_in) matrices and a N(0, 1) embedding
     init: str = "gpt2"
+    # How attention's backward gets its gradient in passes that carry a tangent
+    # (GN's): "reuse" the probabilities the forward kept, or "recompute" them in
+    # SDPA's backward; "auto": reuse on a CPU, recompute on CUDA. The same
+    # gradient up to round-off (CausalAttentionFunction).
+    attention_backward: str = "auto"
 
     def __post_init__(self):
         if (self.mlp not in ("swiglu", "gelu") or self.qkv not in ("fused", "separate")
                 or self.init not in ("gpt2", "fan_in")):
             raise ValueError(f"unknown mlp {self.mlp!r}, qkv {self.qkv!r} or init {self.init!r}")
+        if self.attention_backward not in ATTENTION_BACKWARDS:
+            raise ValueError(f"unknown attention_backward {self.attention_backward!r}: "
+                             f"one of {', '.join(ATTENTION_BACKWARDS)}")
         if self.qk_norm and self.qkv != "separate":
             raise ValueError("qk_norm normalizes the outputs of separate q and k matrices: it needs qkv='separate'")
 
@@ -451,20 +462,27 @@ class CausalAttentionFunction(torch.autograd.Function):
     are exactly 0, so no mask is needed after the softmax. Inside, the batch
     and head dimensions are flattened so that sums of products fuse (baddbmm).
 
-    The backward either reuses P or lets SDPA recompute what it needs, as in
-    training (`reuse_probabilities`): on a CPU the reuse is faster, on CUDA
-    SDPA's fused backward is, and keeping P (T×T per head and layer) until
-    the backward would cost gigabytes at T = 1024.
+    The last input, `reuse` (GPTConfig.attention_backward), chooses the
+    backward. True: it reuses P with the formula above, two batched products
+    more and no softmax, but P (T×T per head and layer) stays alive from the
+    forward to the backward, and in a `SharedPrimals` store across all of a
+    micro-batch's block passes. False: only q, k and v are kept and SDPA's
+    backward recomputes what it needs, as in training. On a CPU the reuse is
+    faster; on CUDA SDPA's fused backward is, and keeping P would cost
+    gigabytes at T = 1024: the default ("auto") differs by device.
     """
     generate_vmap_rule = True
 
     @staticmethod
-    def reuse_probabilities(q):
-        return q.device.type == "cpu"
+    def reuses_probabilities(attention_backward, device):
+        """The `reuse` input for GPTConfig.attention_backward on device: "auto" reuses P on a CPU only."""
+        if attention_backward == "auto":
+            return device.type == "cpu"
+        return attention_backward == "reuse"
 
     @staticmethod
     @_or_stored
-    def forward(q, k, v):
+    def forward(q, k, v, reuse):
         T = q.shape[-2]
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         q3, k3 = q.flatten(0, -3), k.flatten(0, -3)
@@ -475,13 +493,14 @@ class CausalAttentionFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
-        q, k, v = (t.detach() for t in inputs)
+        q, k, v = (t.detach() for t in inputs[:3])
         flat = [t.flatten(0, -3) for t in (q, k, v, output[0].detach())] + [output[1].detach()]
         ctx.save_for_forward(*flat)  # jvp runs right away, then lets these go
-        ctx.save_for_backward(*flat if CausalAttentionFunction.reuse_probabilities(q) else (q, k, v))
+        ctx.reuse = inputs[3]
+        ctx.save_for_backward(*flat if ctx.reuse else (q, k, v))
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv):
+    def jvp(ctx, dq, dk, dv, _):
         q, k, v, y, P = ctx.saved_tensors
         shape = (dq if dq is not None else dk if dk is not None else dv).shape
         dq, dk, dv = (None if t is None else t.flatten(0, -3) for t in (dq, dk, dv))
@@ -497,17 +516,17 @@ class CausalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         if g is None:
-            return None, None, None
-        if len(ctx.saved_tensors) == 3:  # P was not kept: SDPA recomputes
+            return None, None, None, None
+        if not ctx.reuse:  # P was not kept: SDPA recomputes
             with torch.enable_grad():
                 qkv = [t.detach().requires_grad_() for t in ctx.saved_tensors]
                 y = F.scaled_dot_product_attention(*qkv, is_causal=True)
-            return torch.autograd.grad(y, qkv, g)
+            return *torch.autograd.grad(y, qkv, g), None
         q, k, v, y, P = ctx.saved_tensors
         shape, g = g.shape, g.flatten(0, -3)
         scale = q.shape[-1] ** -0.5
         gS = P * torch.baddbmm(torch.linalg.vecdot(g, y).unsqueeze(-1).mul_(-scale), g, v.transpose(1, 2), alpha=scale)
-        return (gS @ k).view(shape), (gS.transpose(1, 2) @ q).view(shape), (P.transpose(1, 2) @ g).view(shape)
+        return (gS @ k).view(shape), (gS.transpose(1, 2) @ q).view(shape), (P.transpose(1, 2) @ g).view(shape), None
 
 
 class RMSNorm(nn.Module):
@@ -551,6 +570,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             self.q_norm, self.k_norm = LayerNorm(C, config.norm_eps), LayerNorm(C, config.norm_eps)
         self.proj = Linear(C, C)
+        self.attention_backward = config.attention_backward
 
     def _qkv(self, x):
         """Queries, keys and values side by side, (B, T, 3C)."""
@@ -567,9 +587,9 @@ class CausalSelfAttention(nn.Module):
         q, k = RotaryFunction.apply(qkv[:2], cos, sin)  # queries and keys in one go
         v = qkv[2]
         if any(has_tangent(t) for t in (q, k, v)):
-            # On CUDA the probabilities (T×T per head) are not kept past the pass: not shared.
-            y = apply_kernel(self, CausalAttentionFunction, q, k, v,
-                             share=CausalAttentionFunction.reuse_probabilities(q))[0]
+            reuse = CausalAttentionFunction.reuses_probabilities(self.attention_backward, q.device)
+            # Unless the backward reuses them, the probabilities (T×T per head) are not kept past the pass: not shared.
+            y = apply_kernel(self, CausalAttentionFunction, q, k, v, reuse, share=reuse)[0]
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.func import functional_call
 
 import model as model_module
@@ -19,10 +20,10 @@ from model import (GPT, GPTConfig, PAPER_ARCH, PRESETS, CausalAttentionFunction,
 ARCHS = {"llama": {}, "paper": PAPER_ARCH}
 
 
-def tiny_transformer(seed=0, arch="llama"):
+def tiny_transformer(seed=0, arch="llama", attention_backward="auto"):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, mlp_hidden=12,
-                         **ARCHS[arch])).double()
+                         attention_backward=attention_backward, **ARCHS[arch])).double()
 
 
 def small_mlp(out_dim, seed=0):
@@ -124,18 +125,17 @@ def kernel_cases():
         ("rotary", lambda x: RotaryFunction.apply(x, cos, sin), [(2, 3, 5, 4)], rotary_reference),
         ("swiglu", SwiGLUFunction.apply, [(2, 3, 4), (2, 3, 4)], lambda a, b: F.silu(a) * b),
         ("gelu", GELUFunction.apply, [(2, 3, 4)], lambda a: F.gelu(a, approximate="tanh")),
-    ] + [(name, lambda q, k, v: CausalAttentionFunction.apply(q, k, v)[0], [(2, 2, 5, 3)] * 3,
+    ] + [(name, lambda q, k, v, reuse=reuse: CausalAttentionFunction.apply(q, k, v, reuse)[0], [(2, 2, 5, 3)] * 3,
           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-         for name in ("attention", "attention_sdpa")]
+         for name, reuse in (("attention", True), ("attention_sdpa", False))]
 
 
 @pytest.mark.parametrize("case", kernel_cases(), ids=lambda c: c[0])
-def test_kernels_match_torch_and_finite_differences(case, monkeypatch):
+def test_kernels_match_torch_and_finite_differences(case):
     """Each hand-written kernel: its value and vjp against torch's own op, its jvp and
     vjp against finite differences, with every subset of inputs carrying a tangent.
-    Attention's backward both ways: reusing P (the CPU's) or SDPA recomputing (CUDA's)."""
+    Attention's backward both ways: reusing P (the CPU's default) or SDPA recomputing (CUDA's)."""
     name, fn, shapes, reference = case
-    monkeypatch.setattr(CausalAttentionFunction, "reuse_probabilities", staticmethod(lambda q: name != "attention_sdpa"))
     torch.manual_seed(0)
     inputs = [torch.randn(s, dtype=torch.float64) for s in shapes]
     expected = reference(*inputs)
@@ -219,6 +219,48 @@ def test_config_rejects_unknown_options():
                 dict(qk_norm=True)]:  # qk_norm needs separate q and k
         with pytest.raises(ValueError):
             GPTConfig(**bad)
+    with pytest.raises(ValueError, match="attention_backward 'cuda': one of auto, reuse, recompute"):
+        GPTConfig(attention_backward="cuda")
+
+
+def plain_attention(q, k, v):
+    """Causal softmax attention written out, for torch's autograd to differentiate."""
+    T = q.shape[-2]
+    S = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return S.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_backward_reuse_and_recompute_give_autograds_gradient(dtype):
+    """Both of GPTConfig.attention_backward's branches against each other and against autograd
+    through plain softmax attention, with and without tangents (GN's passes carry them)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, dtype=dtype) for _ in range(3))
+    tangents = [torch.randn_like(q) for _ in range(3)]
+    cotangent = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(plain_attention(*leaves), leaves, cotangent)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    grads = {}
+    for reuse in (True, False):
+        for with_tangent in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            with forward_ad.dual_level():
+                inputs = [forward_ad.make_dual(x, t) for x, t in zip(leaves, tangents)] if with_tangent else leaves
+                y = forward_ad.unpack_dual(CausalAttentionFunction.apply(*inputs, reuse)[0]).primal
+            grads[reuse, with_tangent] = torch.autograd.grad(y, leaves, cotangent)
+            for got, want in zip(grads[reuse, with_tangent], expected):
+                torch.testing.assert_close(got, want, **tol)
+    for got, want in zip(grads[False, True], grads[True, True]):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_attention_backward_auto_reuses_on_the_cpu_only():
+    choose = CausalAttentionFunction.reuses_probabilities
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose("auto", cpu) and not choose("auto", cuda)
+    assert choose("reuse", cpu) and choose("reuse", cuda)
+    assert not choose("recompute", cpu) and not choose("recompute", cuda)
 
 
 # --- gn.py: exactness -------------------------------------------------------
@@ -453,6 +495,48 @@ def test_block_passes_sharing_their_primals_give_each_pass_alone(arch, merge_emb
     for got, expected in zip(shared, alone):
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "layerwise"])
+def test_attention_backward_reuse_and_recompute_give_the_same_inner_gradients(mode, monkeypatch):
+    """Every block's ∇Q at some Δ ≠ 0 with attention's backward reusing P and recomputing it
+    (GPTConfig.attention_backward): equal to each other and to J_lᵀ(g + H J_l Δ_l) from the explicit
+    Jacobian, which autograd builds through SDPA without a tangent. Layerwise, the block passes share
+    their primals; the store keeps attention's outputs (P among them) only when the backward reuses P."""
+    torch.manual_seed(3)
+    x, y = torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5))
+    stores = []
+
+    def recording_shared_primals(self, original=GPT.shared_primals):
+        stores.append(original(self))
+        return stores[-1]
+
+    monkeypatch.setattr(GPT, "shared_primals", recording_shared_primals)
+    _, params, flat, J, g, H, _ = explicit_pieces(tiny_transformer(), x, y, "ce")  # the same weights as below
+    results = {}
+    for branch in ("reuse", "recompute"):
+        model = tiny_transformer(attention_backward=branch)
+        opt = GaussNewton(model, mode=mode, inner="adamw")
+        torch.manual_seed(1)
+        for t in opt.iterate.values():
+            t.add_(0.1 * torch.randn_like(t))
+        stores.clear()
+        results[branch] = opt.inner_gradients(x, y)
+        if mode == "full":
+            assert not stores  # one block: nothing to share
+        else:
+            kernels = {kernel for store in stores for _, kernel in store.outputs}
+            assert model_module.LinearFunction in kernels
+            assert (CausalAttentionFunction in kernels) == (branch == "reuse")
+        for block, got in zip(opt.blocks, results[branch]):
+            delta = opt._delta(block)
+            Jd = J @ flat.cat({n: delta[n] if n in block else torch.zeros_like(p) for n, p in params.items()})
+            expected = flat.dict(J.T @ (g + H @ Jd))
+            for n in block:
+                torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
+    for reused, recomputed in zip(results["reuse"], results["recompute"], strict=True):
+        for n in reused:
+            torch.testing.assert_close(recomputed[n], reused[n], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

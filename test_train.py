@@ -389,3 +389,22 @@ def test_torchrun_two_processes_match_one(opt, tmp_path):
     for a, b in zip(one, two, strict=True):
         assert a["tokens"] == b["tokens"]
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+
+
+def test_attention_backward_reuse_and_recompute_train_alike(tmp_path):
+    """--attention-backward (model.py's GPTConfig.attention_backward): GN's passes reusing attention's
+    probabilities in the backward or letting SDPA recompute them give the same run to float32 round-off."""
+    runs = {}
+    for branch in ("reuse", "recompute"):
+        out = tmp_path / branch
+        result = run_train("--opt", "gn_layerwise", *SMALL_RUN, "--attention-backward", branch, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert json.loads((out / "config.json").read_text())["attention_backward"] == branch
+        runs[branch] = read_metrics(out)
+    for a, b in zip(runs["reuse"], runs["recompute"], strict=True):
+        assert a["tokens"] == b["tokens"]
+        for key in ("train_loss", "val_loss", "loss_after", "model_decrease", "step_size", "direction_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    with pytest.raises(SystemExit) as exited:
+        train.parse_args(["--attention-backward", "cuda"])
+    assert exited.value.code == 2

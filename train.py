@@ -29,7 +29,7 @@ from tqdm import tqdm
 from baselines import DEFAULT_LR, MUON_ADAMW_LR_RATIO, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
 from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean, default_blocks
-from model import GPT, PRESETS
+from model import ATTENTION_BACKWARDS, GPT, PRESETS
 
 MAX_FAILURES = 5  # non-finite steps in a row before a run gives up
 FIRST_ORDER = ("adamw", "muon", "soap", "shampoo")
@@ -184,6 +184,10 @@ def parse_args(argv=None):
                     help="start each inner loop where the last one ended instead of at the weights (the paper's)")
     gn.add_argument("--ema", type=float, default=0.0,
                     help="evaluate an exponential moving average of the weights with this decay (paper: 0.999)")
+    gn.add_argument("--attention-backward", default="auto", choices=ATTENTION_BACKWARDS,
+                    help="attention's backward in GN's passes: reuse the probabilities kept from the forward, or "
+                         "recompute them in SDPA's backward; the same math, another round-off (default auto: "
+                         "reuse on a CPU, recompute on CUDA; model.py, GPTConfig.attention_backward)")
     args = p.parse_args(argv)
     if args.recipe == "paper":
         p.set_defaults(**paper_recipe(args.opt))
@@ -307,7 +311,8 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-# Options that define the run: a resumed run must be given the same ones.
+# Options that define the run: a resumed run must be given the same ones. Not
+# --device or --attention-backward: they change the round-off, not the math.
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
                 "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "ls_model_fraction",
@@ -380,7 +385,8 @@ def main(argv=None):
 
     data = load_dataset(args.data)
     data.check(args.seq_len)
-    config = dataclasses.replace(PRESETS[args.model], vocab_size=data.vocab_size)
+    config = dataclasses.replace(PRESETS[args.model], vocab_size=data.vocab_size,
+                                 attention_backward=args.attention_backward)
     if args.seq_len > config.block_size:
         fail(f"--seq-len {args.seq_len} exceeds the {args.model} model's context of {config.block_size}")
     model = GPT(config).to(device=device, dtype=DTYPES[args.dtype])
