@@ -413,6 +413,41 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     raise ValueError(f"unknown line search {method!r}: choose one of {', '.join(LINE_SEARCHES)}")
 
 
+def next_reach(reach, eta, first_try, rho, smallest=2.0 ** -10, largest=16.0):
+    """The inner loop's reach for the next outer step, from how this step's line search went.
+
+    The reach multiplies the inner learning rate. Inner Muon takes steps of a
+    set size, so the direction's length grows with the inner lr and the number
+    of inner steps, while nothing ties it to the region where the quadratic
+    model holds. The line search measures that region along d, and the rule
+    follows the trust-region and Levenberg-Marquardt tradition (Martens 2010
+    adapts damping the same way):
+    - rejected (eta = 0): the model held nowhere along d; reach / 8.
+    - Armijo cut the step it tried first (eta < first_try: η* for "model", 1
+      for "backtracking"): the model held only that far; reach times
+      eta / first_try, by at most 1/8 a step.
+    - taken as tried, but the loss fell by less than a quarter of what the
+      model predicted (rho = actual / predicted decrease < 1/4): reach / 2.
+    - a whole step (eta = first_try = 1) whose decrease matched the model
+      (rho > 3/4): the inner loop stopped short of where the model holds;
+      reach x 2.
+    - otherwise it stays: an η* below 1 that held (layerwise GN's block
+      overshoot, say) is the model's own correction, not a sign it failed.
+    The result stays in [smallest, largest].
+    """
+    if eta <= 0:
+        factor = 1 / 8
+    elif eta < first_try:
+        factor = max(eta / first_try, 1 / 8)
+    elif rho < 0.25:
+        factor = 0.5
+    elif eta >= 1 and rho > 0.75:
+        factor = 2.0
+    else:
+        factor = 1.0
+    return min(max(reach * factor, smallest), largest)
+
+
 # ---------------------------------------------------------------------------
 # 5. The optimizer.
 # ---------------------------------------------------------------------------
@@ -486,6 +521,12 @@ class GaussNewton(torch.optim.Optimizer):
         the step is checked with come from all of them. Half cuts the line
         search by a quarter at no measured cost in steps (results/README.md,
         "Earlier studies").
+    adaptive_reach: scale the inner learning rate by a reach that each outer
+        step's line search sets for the next (`next_reach`: smaller after a
+        rejected or cut step, larger after a whole step the model predicted
+        well); the line search then also halves below min_step_size, down to
+        2^-10, before it rejects. Only with line_search "model" or
+        "backtracking" and a first-order inner solver.
     damping: λ, adds λ/2‖Δ‖² to each quadratic.
     warm_start: keep the inner optimizers' state across outer steps.
     keep_iterate: also keep the inner iterate where the last inner loop ended
@@ -514,7 +555,8 @@ class GaussNewton(torch.optim.Optimizer):
     def __init__(self, model, mode="layerwise", loss="ce", inner="muon", inner_steps=None,
                  inner_lr=0.01, inner_schedule="cosine", weight_decay=0.0, clip=1.0,
                  prox_linear=False, line_search="model", min_step_size=None, ls_model_fraction=0.5,
-                 damping=0.0, warm_start=True, keep_iterate=False, blocks=None, combine="sum", cg_tol=1e-10):
+                 damping=0.0, warm_start=True, keep_iterate=False, blocks=None, combine="sum", cg_tol=1e-10,
+                 adaptive_reach=False):
         if mode not in ("layerwise", "full"):
             raise ValueError(f"unknown mode {mode!r}: choose layerwise or full")
         if isinstance(inner, str) and inner not in INNER_SOLVERS:
@@ -527,6 +569,8 @@ class GaussNewton(torch.optim.Optimizer):
             raise ValueError(f"unknown combine {combine!r}: choose one of {', '.join(COMBINES)}")
         if not 0 < ls_model_fraction <= 1:
             raise ValueError(f"ls_model_fraction must be in (0, 1], got {ls_model_fraction}")
+        if adaptive_reach and (line_search not in ("model", "backtracking") or inner == "cg"):
+            raise ValueError("adaptive_reach needs line_search 'model' or 'backtracking' and a first-order inner solver")
         if inner_schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
         self.model, self.mode, self.loss, self.inner = model, mode, loss, inner
@@ -537,6 +581,7 @@ class GaussNewton(torch.optim.Optimizer):
         self.prox_linear, self.line_search, self.damping, self.cg_tol = prox_linear, line_search, damping, cg_tol
         self.ls_model_fraction = ls_model_fraction
         self.warm_start, self.keep_iterate, self.combine = warm_start, keep_iterate, combine
+        self.adaptive_reach = adaptive_reach
 
         if mode == "full":
             blocks = [list(self.named)]
@@ -557,6 +602,7 @@ class GaussNewton(torch.optim.Optimizer):
         self.inner_opts = [self._make_inner({n: self.iterate[n] for n in b}) for b in self.blocks]
         self.outer_steps = 0
         self.lr_backoff = 1.0  # halved after every non-finite inner loop
+        self.reach = 1.0  # the inner lr's factor that `next_reach` sets (adaptive_reach)
 
     def _make_inner(self, named):
         if self.inner == "cg":
@@ -624,7 +670,7 @@ class GaussNewton(torch.optim.Optimizer):
 
     def _first_order_inner_loop(self, batches, n_steps, stats, at_origin):
         """Each inner step: the next micro-batch, every block's ∇Q, one optimizer step."""
-        lr = self.param_groups[0]["lr"] * self.lr_backoff
+        lr = self.param_groups[0]["lr"] * self.lr_backoff * self.reach
         norms = []
         for k in range(n_steps):
             x, y = batches[k % len(batches)]
@@ -748,9 +794,10 @@ class GaussNewton(torch.optim.Optimizer):
             model_batches = max(1, int(len(ls_batches) * self.ls_model_fraction))
             if finite and self.combine == "span":
                 d, block_weights, model_along_d = self._span_direction(params, d, ls_batches[:model_batches])
+            smallest = min(self.min_step_size, 2.0 ** -10) if self.adaptive_reach else self.min_step_size
             if finite:
                 eta, loss0, loss1, slope, curvature = line_search(
-                    self.model, params, d, ls_batches, self.H, self.line_search, self.min_step_size,
+                    self.model, params, d, ls_batches, self.H, self.line_search, smallest,
                     model_along_d=model_along_d, model_batches=model_batches)
             else:
                 eta, loss0, loss1, slope, curvature = 0.0, float("nan"), float("nan"), float("nan"), float("nan")
@@ -770,6 +817,12 @@ class GaussNewton(torch.optim.Optimizer):
             for opt in self.inner_opts:
                 if opt is not None:
                     opt.state.clear()
+        predicted = -(slope * eta + 0.5 * curvature * eta ** 2)
+        reach = self.reach
+        if self.adaptive_reach and finite:
+            first_try = model_step_size(slope, curvature) if self.line_search == "model" else 1.0
+            rho = (loss0 - loss1) / predicted if predicted > 0 else 0.0
+            self.reach = next_reach(self.reach, eta, first_try, rho)
         self.outer_steps += 1
         return {
             "step_size": eta,
@@ -782,7 +835,8 @@ class GaussNewton(torch.optim.Optimizer):
             # The full GN model's decrease along d (on the line-search batches):
             # at η = 1, and at the chosen step.
             "model_decrease": -(slope + 0.5 * curvature),
-            "predicted_decrease": -(slope * eta + 0.5 * curvature * eta ** 2),
+            "predicted_decrease": predicted,
+            "reach": reach,
             "direction_norm": math.sqrt(dot(d, d).item()),
             "inner_grad_norm_first": stats["inner_grad_norm"][0] if stats["inner_grad_norm"] else 0.0,
             "inner_grad_norm_last": stats["inner_grad_norm"][-1] if stats["inner_grad_norm"] else 0.0,
@@ -796,6 +850,7 @@ class GaussNewton(torch.optim.Optimizer):
             "lr": self.param_groups[0]["lr"],
             "outer_steps": self.outer_steps,
             "lr_backoff": self.lr_backoff,
+            "reach": self.reach,
             "iterate": {n: t.clone() for n, t in self.iterate.items()},
             "inner": [opt.state_dict() if opt is not None else None for opt in self.inner_opts],
         }
@@ -803,6 +858,7 @@ class GaussNewton(torch.optim.Optimizer):
     def load_state_dict(self, state):
         self.param_groups[0]["lr"] = state["lr"]
         self.outer_steps, self.lr_backoff = state["outer_steps"], state["lr_backoff"]
+        self.reach = state.get("reach", 1.0)  # checkpoints from before adaptive_reach have none
         for n, t in state["iterate"].items():
             self.iterate[n].copy_(t)
         for opt, s in zip(self.inner_opts, state["inner"]):

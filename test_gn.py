@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import model as model_module
 from gn import (COMBINES, CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
-                model_gradient, model_step_size, span_model, span_step_sizes, step_size_grid)
+                model_gradient, model_step_size, next_reach, span_model, span_step_sizes, step_size_grid)
 from model import (GPT, GPTConfig, PAPER_ARCH, PRESETS, CausalAttentionFunction, GELUFunction, LayerNormFunction,
                    LinearFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction, rotary_tables)
 
@@ -598,19 +598,20 @@ def test_full_mode_is_the_one_block_case():
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("inner", ["muon", "cg"])
-def test_state_dict_round_trip_continues_identically(inner):
+@pytest.mark.parametrize("inner,adaptive_reach", [("muon", False), ("cg", False), ("muon", True)])
+def test_state_dict_round_trip_continues_identically(inner, adaptive_reach):
     model = tiny_transformer().float()
-    opt = GaussNewton(model, inner=inner, keep_iterate=True)
+    opt = GaussNewton(model, inner=inner, keep_iterate=True, adaptive_reach=adaptive_reach)
     opt.step(byte_batches(2, seed=0))
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())  # as a checkpoint on disk would hold it
+    assert (saved_opt["reach"] != 1.0) == adaptive_reach  # the first step moved the reach: resume must restore it
     opt.step(byte_batches(2, seed=1))
     expected = [p.detach().clone() for p in model.parameters()]
 
     resumed = tiny_transformer(seed=9).float()
     resumed.load_state_dict(saved_model)
-    opt2 = GaussNewton(resumed, inner=inner, keep_iterate=True)
+    opt2 = GaussNewton(resumed, inner=inner, keep_iterate=True, adaptive_reach=adaptive_reach)
     opt2.load_state_dict(saved_opt)
     opt2.step(byte_batches(2, seed=1))
     for a, b in zip(expected, resumed.parameters()):
@@ -881,3 +882,60 @@ def test_bad_arguments_raise_clear_errors():
         GaussNewton(model, blocks=[["head.weight"]])
     with pytest.raises(ValueError, match="prox_linear"):
         GaussNewton(model, inner="cg", prox_linear=True)
+
+
+def test_next_reach_follows_how_the_line_search_went():
+    assert next_reach(1.0, 0.0, 1.0, 0.0) == 1 / 8  # rejected
+    assert next_reach(1.0, 0.125, 0.5, 0.9) == 0.25  # Armijo halved η* twice: the model held a quarter as far
+    assert next_reach(1.0, 2.0 ** -8, 0.5, 0.9) == 1 / 8  # by at most 1/8 a step
+    assert next_reach(1.0, 0.5, 0.5, 0.1) == 0.5  # taken as tried, a tenth of the predicted decrease
+    assert next_reach(1.0, 1.0, 1.0, 0.9) == 2.0  # a whole step the model predicted
+    assert next_reach(1.0, 0.3, 0.3, 0.9) == 1.0  # an η* below 1 that held
+    assert next_reach(1.0, 1.0, 1.0, 0.5) == 1.0
+    assert next_reach(16.0, 1.0, 1.0, 1.0) == 16.0 and next_reach(2.0 ** -10, 0.0, 1.0, 0.0) == 2.0 ** -10
+
+
+def test_adaptive_reach_grows_to_whole_steps_on_an_exact_quadratic():
+    """Least squares on a linear model: the GN model is the loss, so every step the model predicts
+    is taken whole and decreases the loss by exactly the prediction; an inner loop that stops short
+    (a tiny inner lr) doubles its reach every step, up to the cap."""
+    model, params, _, batches = linear_problem("mse", seed=3)
+    opt = GaussNewton(model, mode="full", loss="mse", inner="adamw", inner_lr=1e-4, clip=None, adaptive_reach=True)
+    reaches = []
+    for _ in range(6):
+        stats = opt.step(batches * 4, ls_batches=batches)
+        reaches.append(stats["reach"])
+        x, y = batches[0]
+        assert stats["step_size"] == 1.0
+        assert stats["loss_before"] - stats["loss_after"] == pytest.approx(stats["predicted_decrease"], rel=1e-9)
+        assert stats["loss_after"] == pytest.approx(F.mse_loss(model(x), y).item(), rel=1e-12)
+    assert reaches == [1.0, 2.0, 4.0, 8.0, 16.0, 16.0] and opt.reach == 16.0
+
+
+def test_adaptive_reach_shrinks_where_the_quadratic_model_fails_far_from_the_weights():
+    """A tanh network, whose GN model holds near the weights only: where the model's own step η*
+    fails the Armijo test (the true loss there fell by far less than the model said), the step is
+    cut and the next inner loop reaches less far, by the cut's factor; whole steps the model
+    predicted well let it reach further. No step is rejected and the loss falls."""
+    model = small_mlp(2)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 4, generator=g, dtype=torch.float64),
+                torch.randn(64, 2, generator=g, dtype=torch.float64))]
+    opt = GaussNewton(model, mode="full", loss="mse", inner="adamw", inner_lr=0.3, clip=None, adaptive_reach=True)
+    steps = [opt.step(batches * 8, ls_batches=batches) for _ in range(5)]
+    reaches = [s["reach"] for s in steps] + [opt.reach]
+    cut = [i for i, s in enumerate(steps) if s["step_size"] < model_step_size(s["slope"], s["curvature"])]
+    assert cut, "the model step held everywhere: no failure to react to"
+    for i in cut:
+        tried = model_step_size(steps[i]["slope"], steps[i]["curvature"])
+        assert reaches[i + 1] == pytest.approx(reaches[i] * steps[i]["step_size"] / tried)
+    assert any(reaches[i + 1] > reaches[i] for i in range(5) if i not in cut)
+    assert not any(s["rejected"] for s in steps)
+    assert steps[-1]["loss_after"] < steps[0]["loss_before"]
+
+
+def test_adaptive_reach_needs_a_line_search_that_tries_a_step_first():
+    model = small_mlp(2)
+    for kwargs in ({"line_search": "grid"}, {"line_search": "paper"}, {"inner": "cg"}):
+        with pytest.raises(ValueError, match="adaptive_reach"):
+            GaussNewton(model, mode="full", loss="mse", adaptive_reach=True, **kwargs)

@@ -93,6 +93,8 @@ def test_train_lowers_the_loss_below_the_unigram_entropy(tmp_path):
     (["--opt", "gn", "--inner", "cg", "--first-order-steps", "1"], "cg"),
     (["--opt", "gn", "--first-order-steps", "-1"], "0 or more"),
     (["--opt", "gn", "--merge-embedding"], "--merge-embedding"),
+    (["--opt", "muon", "--adaptive-reach"], "--adaptive-reach"),
+    (["--opt", "gn", "--line-search", "grid", "--adaptive-reach"], "--adaptive-reach"),
 ])
 def test_bad_options_give_one_line_and_exit_code_2(args, message, capsys):
     with pytest.raises(SystemExit) as exited:

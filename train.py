@@ -179,6 +179,9 @@ def parse_args(argv=None):
     gn.add_argument("--min-step-size", type=positive(float), default=None,
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
+    gn.add_argument("--adaptive-reach", action="store_true",
+                    help="scale the inner lr by a reach each line search sets for the next step: smaller after a "
+                         "rejected or cut step, larger after a whole one the GN model predicted (gn.py next_reach)")
     gn.add_argument("--no-warm-start", action="store_true", help="reset the inner optimizer's state every outer step")
     gn.add_argument("--keep-iterate", action=argparse.BooleanOptionalAction, default=False,
                     help="start each inner loop where the last one ended instead of at the weights (the paper's)")
@@ -203,6 +206,9 @@ def parse_args(argv=None):
         p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
     if not is_gn and args.inner_lr is not None:
         p.error(f"--inner-lr is Gauss-Newton's: {args.opt} takes --lr")
+    if args.adaptive_reach and not (is_gn and args.line_search in ("model", "backtracking") and args.inner != "cg"):
+        p.error("--adaptive-reach adapts Gauss-Newton's inner lr from its line search: it needs a GN --opt, "
+                "--line-search model or backtracking and a first-order --inner")
     if args.merge_embedding and not (is_gn and GN_VARIANTS[args.opt][0] == "layerwise"):
         p.error(f"--merge-embedding groups layerwise GN's blocks: {args.opt} has none")
     if args.steps is None:
@@ -317,7 +323,7 @@ RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len"
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
                 "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "ls_model_fraction",
                 "line_search", "combine", "merge_embedding", "min_step_size", "damping", "no_warm_start",
-                "keep_iterate", "ema", "first_order_steps")
+                "keep_iterate", "ema", "first_order_steps", "adaptive_reach")
 
 
 def read_checkpoint(path, model, args, device):
@@ -408,7 +414,8 @@ def main(argv=None):
                           prox_linear=prox, line_search=args.line_search, min_step_size=args.min_step_size,
                           ls_model_fraction=args.ls_model_fraction, damping=args.damping,
                           warm_start=not args.no_warm_start, keep_iterate=args.keep_iterate, combine=args.combine,
-                          blocks=embedding_with_first_block(model) if args.merge_embedding else None)
+                          blocks=embedding_with_first_block(model) if args.merge_embedding else None,
+                          adaptive_reach=args.adaptive_reach)
         base_lr = args.inner_lr
     else:
         opt = build_optimizer(args.opt, list(model.named_parameters()), args.lr, args)
@@ -500,7 +507,8 @@ def main(argv=None):
             progress["tokens"] += args.batch_size * args.seq_len * (len(batches) + len(ls_batches))
             loss = stats["loss_before"] if stats["finite"] else None
             record.update({k: stats[k] for k in ("step_size", "loss_after", "model_decrease", "predicted_decrease",
-                                                 "inner_grad_norm_last", "direction_norm", "block_step_sizes")})
+                                                 "inner_grad_norm_last", "direction_norm", "block_step_sizes",
+                                                 "reach")})
         else:
             loss = first_order_step(model, stepper, batches, args.grad_clip)
             progress["tokens"] += args.batch_size * args.seq_len * len(batches)
