@@ -1,7 +1,10 @@
-"""Tests for data.py: the embedded corpus, the file formats, batches and bad input."""
+"""Tests for data.py: the embedded corpus, the file formats, batches, bad input, and `data.py prepare`."""
 import hashlib
 import io
+import json
+import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -216,6 +219,12 @@ def bad_inputs(tmp_path):
     np.arange(10, dtype=np.uint16).tofile(tmp_path / "noval" / "train.bin")
     (tmp_path / "onlyval").mkdir()
     write_shard(tmp_path / "onlyval" / "fineweb_val_000000.bin", np.arange(10))
+    for name, meta in (("metacount", {"dtype": "uint16", "vocab_size": 256, "train_tokens": 11, "val_tokens": 4}),
+                       ("metadtype", {"dtype": "int8", "vocab_size": 256, "train_tokens": 10, "val_tokens": 4})):
+        (tmp_path / name).mkdir()
+        np.arange(10, dtype=np.uint16).tofile(tmp_path / name / "train.bin")
+        np.arange(4, dtype=np.uint16).tofile(tmp_path / name / "val.bin")
+        (tmp_path / name / "meta.json").write_text(json.dumps(meta))
     return {
         "missing": (tmp_path / "missing.txt", None),
         "empty file": (tmp_path / "empty.txt", None),
@@ -229,13 +238,16 @@ def bad_inputs(tmp_path):
         "nanoGPT directory without val.bin": (tmp_path / "noval", None),
         "no train shards": (tmp_path / "onlyval", None),
         "pattern matching nothing": (tmp_path / "nothing_*.bin", None),
+        "meta.json token count mismatch": (tmp_path / "metacount", None),
+        "meta.json with an unknown dtype": (tmp_path / "metadtype", None),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing", "empty file", "too short for the window", "wrong magic", "wrong version",
     "token count mismatch", "shorter than the header", "directory without bins",
-    "odd-sized uint16 file", "nanoGPT directory without val.bin", "no train shards", "pattern matching nothing"])
+    "odd-sized uint16 file", "nanoGPT directory without val.bin", "no train shards", "pattern matching nothing",
+    "meta.json token count mismatch", "meta.json with an unknown dtype"])
 def test_bad_input_raises_one_line_data_error_naming_the_file(tmp_path, case):
     path, seq_len = bad_inputs(tmp_path)[case]
     with pytest.raises(DataError) as info:
@@ -251,3 +263,193 @@ def test_check_accepts_exactly_one_window(tmp_path):
     ds.check(9)
     with pytest.raises(DataError, match="val split has 10 tokens"):
         ds.check(10)
+
+
+# ----------------------------------------------------------------------------
+# data.py prepare: checked against an independent reference of the documented rules
+
+DOCS = [f"Document {i}: " + "naïve café, " * (i % 7) + f"the end of {i}." for i in range(60)] + ["", "π ≈ 3.14159"]
+
+
+def write_jsonl(path, texts, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"id": len(text), field: text}) + "\n")
+        f.write("\n")  # a blank line is skipped
+    return path
+
+
+def goes_to_val(text, fraction):
+    """The documented split rule: the first 4 bytes of the text's sha256 below fraction * 2**32."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") < fraction * 2**32
+
+
+def reference_splits(texts, encode, fraction, eos=None, budget=None):
+    """Each non-empty document's ids (+ eos), appended to its split, until the budget is spent."""
+    splits, total = {"train": [], "val": []}, 0
+    for text in texts:
+        if not text:
+            continue
+        ids = list(encode(text)) + ([] if eos is None else [eos])
+        if budget is not None:
+            ids = ids[:budget - total]
+        splits["val" if goes_to_val(text, fraction) else "train"] += ids
+        total += len(ids)
+        if total == budget:
+            break
+    return splits
+
+
+def assert_prepared(directory, splits, dtype, vocab_size):
+    """The files hold exactly the reference tokens in dtype, and load_dataset gives them back."""
+    for name, ids in splits.items():
+        assert len(ids) > 0
+        raw = (directory / f"{name}.bin").read_bytes()
+        assert raw == np.asarray(ids, dtype=dtype).tobytes()
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["dtype"] == np.dtype(dtype).name and meta["vocab_size"] == vocab_size
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(splits["train"]), len(splits["val"]))
+    ds = load_dataset(str(directory))
+    assert ds.train.dtype == dtype and ds.vocab_size == vocab_size
+    assert ds.train.tolist() == splits["train"] and ds.val.tolist() == splits["val"]
+    assert ds.fingerprint["dtype"] == np.dtype(dtype).name and ds.fingerprint["tokenizer"] == meta["tokenizer"]
+    return ds, meta
+
+
+def test_prepare_jsonl_as_bytes_from_the_command_line(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    data.main(["prepare", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0.3"])
+    splits = reference_splits(DOCS, lambda t: t.encode("utf-8"), 0.3)
+    ds, meta = assert_prepared(tmp_path / "out", splits, np.uint16, 256)
+    n_val = sum(goes_to_val(t, 0.3) for t in DOCS if t)
+    assert 0 < n_val < 61 and (meta["documents"], meta["val_documents"]) == (61, n_val)
+    assert meta["tokenizer"] == "bytes" and meta["eos_id"] is None and meta["source"] == str(source)
+    assert ds.byte_level and ds.decode(ds.encode("café")) == "café"  # bytes data samples from text prompts
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"{len(splits['train']):,} train" in out
+
+
+def test_prepare_text_file_takes_paragraphs_as_documents(tmp_path):
+    paragraphs = [f"Paragraph {i}, first line.\nSecond line of {i}.\n" + "\n" * (1 + i % 2) for i in range(40)]
+    source = tmp_path / "book.txt"
+    source.write_text("".join(paragraphs), encoding="utf-8")
+    data.prepare(str(source), tmp_path / "out", "bytes", val_fraction=0.2, progress=False)
+    assert_prepared(tmp_path / "out", reference_splits(paragraphs, str.encode, 0.2), np.uint16, 256)
+
+
+def test_prepare_with_a_tokenizers_file_matches_its_own_encoding(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(DOCS, trainer)
+    path = str(tmp_path / "tokenizer.json")
+    tokenizer.save(path)
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS, field="body")
+    meta = data.prepare(source, tmp_path / "out", path, text_field="body", val_fraction=0.3, progress=False)
+    eos = tokenizer.token_to_id("</s>")
+    splits = reference_splits(DOCS, lambda t: tokenizer.encode(t).ids, 0.3, eos=eos)
+    assert_prepared(tmp_path / "out", splits, np.uint16, tokenizer.get_vocab_size())
+    assert meta["eos_id"] == eos and meta["tokenizer"] == path
+
+
+def test_prepare_stops_at_the_token_budget(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    total = sum(len(t.encode()) for t in DOCS)
+    for budget in (777, total + 1000):  # cut inside a document; more than the source holds
+        out = tmp_path / f"out{budget}"
+        meta = data.prepare(source, out, "bytes", max_tokens=budget, val_fraction=0.3, progress=False)
+        splits = reference_splits(DOCS, str.encode, 0.3, budget=budget)
+        assert_prepared(out, splits, np.uint16, 256)
+        assert meta["train_tokens"] + meta["val_tokens"] == min(budget, total) and meta["max_tokens"] == budget
+
+
+class FakeHubTokenizer:
+    """Stands in for a transformers tokenizer with 70000 ids: above uint16."""
+    eos_token_id, sep_token_id = 69999, None
+
+    def __len__(self):
+        return 70000
+
+    def __call__(self, texts, add_special_tokens=True, verbose=True):
+        assert add_special_tokens is False
+        return {"input_ids": [self.encode(t) for t in texts]}
+
+    @staticmethod
+    def encode(text):
+        return [60000 + ord(c) % 9999 for c in text]
+
+
+def test_prepare_streams_a_hub_dataset_and_writes_uint32_above_65535_ids(tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset_stub(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"url": f"u{i}", "text": t} for i, t in enumerate(DOCS)])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset_stub))
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(
+        AutoTokenizer=types.SimpleNamespace(from_pretrained=lambda name: FakeHubTokenizer())))
+    assert data.token_dtype(65536) == "uint16" and data.token_dtype(65537) == "uint32"
+
+    meta = data.prepare("allenai/c4", tmp_path / "out", "t5-base", config="en", val_fraction=0.3, progress=False)
+    assert calls == [("allenai/c4", "en", "train", True)]
+    splits = reference_splits(DOCS, FakeHubTokenizer.encode, 0.3, eos=69999)
+    assert_prepared(tmp_path / "out", splits, np.uint32, 70000)
+    assert max(splits["train"]) > 65535
+    assert (meta["config"], meta["split"], meta["tokenizer"]) == ("en", "train", "t5-base")
+
+
+def prepare_failures(tmp_path):
+    """(argv after `prepare`, the missing package or None) for each kind of bad input."""
+    one_doc = "a single document"
+    assert not goes_to_val(one_doc, 0.01)
+    files = {"empty.jsonl": "", "blank.jsonl": '{"text": ""}\n\n', "bad.jsonl": "{not json\n",
+             "field.jsonl": '{"body": "x"}\n', "one.jsonl": json.dumps({"text": one_doc}) + "\n",
+             "tokenizer.json": "{}"}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    (tmp_path / "folder").mkdir()
+    docs = str(tmp_path / "one.jsonl")
+    return {
+        "missing file": ([str(tmp_path / "missing.jsonl")], None),
+        "empty file": ([str(tmp_path / "empty.jsonl")], None),
+        "only empty texts": ([str(tmp_path / "blank.jsonl")], None),
+        "a line that is not JSON": ([str(tmp_path / "bad.jsonl")], None),
+        "no text field": ([str(tmp_path / "field.jsonl")], None),
+        "a directory as source": ([str(tmp_path / "folder")], None),
+        "no validation document": ([docs, "--val-fraction", "0.01"], None),
+        "missing tokenizer file": ([docs, "--tokenizer", str(tmp_path / "nothing.json")], None),
+        "transformers not installed": ([docs, "--tokenizer", "t5-base"], "transformers"),
+        "tokenizers not installed": ([docs, "--tokenizer", str(tmp_path / "tokenizer.json")], "tokenizers"),
+        "datasets not installed": (["allenai/c4", "--config", "en"], "datasets"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing file", "empty file", "only empty texts", "a line that is not JSON", "no text field",
+    "a directory as source", "no validation document", "missing tokenizer file",
+    "transformers not installed", "tokenizers not installed", "datasets not installed"])
+def test_prepare_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, case):
+    args, package = prepare_failures(tmp_path)[case]
+    if package:
+        monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        data.main(["prepare", *args, "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("data.py: error: "), err
+    if package:
+        assert err.endswith(f"needs the '{package}' package: pip install {package}\n"), err
+    assert not out.exists()  # nothing half-written left behind
+
+
+def test_prepared_directory_trains(tmp_path):
+    from test_train import run_train
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS * 3)
+    data.prepare(source, tmp_path / "data", "bytes", val_fraction=0.3, progress=False)
+    result = run_train("--data", str(tmp_path / "data"), "--steps", "2", "--micro-batches", "1", "--batch-size", "2",
+                       "--seq-len", "16", "--eval-batches", "1", "--sample-tokens", "0", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_fingerprint"]["tokenizer"] == "bytes" and config["vocab_size"] == 256
