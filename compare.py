@@ -3,6 +3,7 @@
     python compare.py --quick                  # the newcomer's race: Muon, full and layerwise GN at defaults (3 min)
     python compare.py                          # the headline: every optimizer at 64K tokens per step (25 min)
     python compare.py --batch-sweep            # Muon and GN from 4K to 256K tokens per step (65 min)
+    python compare.py --robust                 # GN's defaults on five seeds at 64K and 256K, no sweep (3 h)
     python compare.py --preset 45m --data DIR  # the paper's 45M model on a GPU (C4, T5 tokens)
 
 GN's advantage lives at large batch: a first-order method stops needing fewer
@@ -74,6 +75,12 @@ CPU = dict(
     # against GN; AdamW, SOAP and Shampoo run at the headline batch only (each
     # would add up to an hour at 256K tokens per step on 2 cores).
     sweep_opts=["muon", "gn", "gn_layerwise"], seed_opts=["muon", "gn"],
+    # The robust-defaults study (--robust): every optimizer at its default lr
+    # (the middle of its grid) at these batches and seeds, full GN also at
+    # other starting inner lrs, each GN run measured at these targets and at
+    # the reference baseline's median final loss at its batch.
+    robust=dict(opts=["muon", "gn", "gn_layerwise"], batches=[64, 256], seeds=[0, 1, 2, 3, 4],
+                targets=[2.6, 2.35, 2.2], inner_lrs={"gn": {256: [0.005, 0.02, 0.04]}}),
     train_args=[], gn_args=[])
 
 # The paper's 45M and 150M setups (DESIGN.md) with the authors' recipe
@@ -110,7 +117,9 @@ PRESETS = {
                   batch_sweep=[1, 2], budget={1: 4, 2: 4},
                   lrs={"adamw": [3e-3, 1e-2], "muon": [0.06], "soap": [9e-3], "shampoo": [3e-3], "gn": [0.02],
                        "gn_layerwise": [0.04], "gn_prox": [0.02], "gn_layerwise_prox": [0.04]},
-                  opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"]),
+                  opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"],
+                  robust=dict(opts=["adamw", "gn", "gn_layerwise"], batches=[1, 2], seeds=[0, 1], targets=[5.0, 4.0],
+                              inner_lrs={"gn": {2: [0.01]}})),
 }
 RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 4}  # per step, to start long sweeps first
 MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
@@ -176,6 +185,9 @@ def parse_args(argv=None):
                         f"{', '.join(FIRST_ORDER + tuple(GN_VARIANTS))})")
     p.add_argument("--batch-sweep", action="store_true",
                    help="steps to target against the outer batch size, with the critical-batch fit")
+    p.add_argument("--robust", action="store_true",
+                   help="the robust-defaults study: Muon, full and layerwise GN at their defaults at two batches on "
+                        "five seeds, full GN also at other starting inner lrs (--seeds: other seeds)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time, each with its share of the cores (default: 2 on CPU, 1 on CUDA)")
     p.add_argument("--data", default=None, help="train.py's --data (default: the embedded corpus)")
@@ -188,11 +200,16 @@ def parse_args(argv=None):
         if args.preset not in ("cpu", "quick") or args.batch_sweep:
             p.error("--quick is its own preset: not with --preset or --batch-sweep")
         args.preset = "quick"
+    if args.robust and (args.quick or args.batch_sweep):
+        p.error("--robust is its own study: not with --quick or --batch-sweep")
     preset = PRESETS[args.preset]
+    if args.robust and "robust" not in preset:
+        p.error(f"--robust: preset {args.preset} defines no robust-defaults study")
     if args.opts:
         args.opts = args.opts.split(",")
     else:
-        args.opts = preset["sweep_opts"] if args.batch_sweep else preset["opts"]
+        args.opts = (preset["sweep_opts"] if args.batch_sweep else
+                     preset["robust"]["opts"] if args.robust else preset["opts"])
     for name in args.opts:
         if name not in FIRST_ORDER and name not in GN_VARIANTS:
             p.error(f"--opts: unknown optimizer {name!r}")
@@ -202,12 +219,14 @@ def parse_args(argv=None):
         p.error("without a baseline in --opts there is no default target: give --target-loss")
     if args.batch_sweep and args.target_loss is None:
         p.error(f"--batch-sweep needs a fixed target: give --target-loss (preset {args.preset} has none)")
+    if args.robust:
+        args.seeds = args.seeds or ",".join(map(str, preset["robust"]["seeds"]))
     if args.seeds is not None:
         try:
             args.seeds = sorted({int(seed) for seed in args.seeds.split(",")})
         except ValueError:
             p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-        if args.batch_sweep or args.target_loss is None:
+        if not args.robust and (args.batch_sweep or args.target_loss is None):
             p.error("--seeds needs a fixed target and is not for --batch-sweep")
         args.seed = args.seeds[0]
     else:
@@ -223,7 +242,8 @@ def parse_args(argv=None):
     if args.data is not None:
         args.data = os.path.abspath(args.data)
     if args.results is None:
-        args.results = os.path.join(args.out, "batch.json" if args.batch_sweep else "results.json")
+        args.results = os.path.join(args.out, "batch.json" if args.batch_sweep else
+                                    "robust_defaults.json" if args.robust else "results.json")
     args.init_from = None  # the warm-up's checkpoint, once main has run it
     return args
 
@@ -534,6 +554,142 @@ def batch_sweep(args, target):
 
 
 # ---------------------------------------------------------------------------
+# The robust-defaults study
+
+
+def default_lr(args, opt):
+    """The lr a study without a sweep runs opt at: the middle of the preset's grid (train.py's default)."""
+    grid = PRESETS[args.preset]["lrs"][opt]
+    return grid[(len(grid) - 1) // 2]
+
+
+def max_consecutive_rejections(records):
+    longest = current = 0
+    for r in records:
+        current = current + 1 if r.get("step_size") == 0 else 0
+        longest = max(longest, current)
+    return longest
+
+
+def robust_record(run, targets):
+    """One run of the study: its steps to each target (keys with two decimals) and its longest rejection run."""
+    reached = {f"{t:.2f}": (first_reaching(run["records"], t) or {}).get("step") for t in targets}
+    return {"opt": run["opt"], "micro_batches": run["micro_batches"], "seed": run["seed"],
+            ("inner_lr" if run["opt"] in GN_VARIANTS else "lr"): run["lr"], "steps_to_target": reached,
+            "max_consecutive_rejections": max_consecutive_rejections(run["records"]),
+            "final_val_loss": final_val_loss(run["records"]), "steps_run": len(run["records"]),
+            "val_losses": [r.get("val_loss") for r in run["records"]],
+            "reach": [r["reach"] for r in run["records"] if "reach" in r],
+            "time_s": round(run["records"][-1]["time_s"], 2) if run["records"] else None,
+            "exit_code": run["exit_code"]}
+
+
+def robust_groups(runs):
+    """Runs grouped by (opt, micro_batches, lr) in the order they first appear."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["opt"], r["micro_batches"], r.get("inner_lr", r.get("lr"))), []).append(r)
+    return groups
+
+
+def robust_study(args):
+    """The baselines at every batch and seed of the preset's study over the whole budget, then GN at its
+    defaults (and full GN at the study's other inner lrs), each GN run stopping at the lowest target:
+    the study's targets and the first baseline's median final loss at that batch, to two decimals."""
+    study = PRESETS[args.preset]["robust"]
+    baselines = [o for o in args.opts if o in FIRST_ORDER]
+    gn_opts = [o for o in args.opts if o in GN_VARIANTS]
+    first = run_all(args, [(o, m, s, None, (default_lr(args, o),))
+                           for o in baselines for m in study["batches"] for s in args.seeds])
+    reference = {}
+    for m in study["batches"]:
+        finals = [final_val_loss(first[(baselines[0], m, s, None, (default_lr(args, baselines[0]),))][0]["records"])
+                  for s in args.seeds] if baselines else []
+        reference[m] = round(median_and_range(finals)["median"], 2) if finals and None not in finals else None
+    targets = {m: sorted({*study["targets"], *([reference[m]] if reference[m] is not None else [])}, reverse=True)
+               for m in study["batches"]}
+    jobs = [(o, m, s, min(targets[m]), (lr,)) for o in gn_opts for m in study["batches"] for s in args.seeds
+            for lr in [default_lr(args, o), *study["inner_lrs"].get(o, {}).get(m, [])]]
+    second = run_all(args, jobs)
+    runs = [robust_record(rs[0], targets[job[1]]) for job, rs in [*first.items(), *second.items()]]
+    summary = []
+    for (opt, m, lr), group in robust_groups(runs).items():
+        steps = {t: median_and_range([r["steps_to_target"][t] for r in group]) for t in group[0]["steps_to_target"]}
+        summary.append({"opt": opt, "micro_batches": m, "lr": lr, "default": lr == default_lr(args, opt),
+                        "steps_to_target": steps,
+                        "max_consecutive_rejections": max(r["max_consecutive_rejections"] for r in group)})
+    return {"preset": args.preset, "seeds": args.seeds, "budget_steps": {str(m): PRESETS[args.preset]["budget"][m]
+                                                                          for m in study["batches"]},
+            "reference": baselines[0] if baselines else None,
+            "reference_median_final_loss": {str(m): v for m, v in reference.items()},
+            "targets": {str(m): t for m, t in targets.items()}, "summary": summary, "runs": runs}
+
+
+def robust_table(results):
+    """Markdown table: per optimizer, batch and lr, the median (range) steps to each target over the seeds."""
+    keys = sorted({t for s in results["summary"] for t in s["steps_to_target"]}, key=float, reverse=True)
+    def cell(e):
+        fmt = lambda v: "-" if v is None else f"{v:g}"
+        return f"{fmt(e['median'])} ({fmt(e['min'])}-{fmt(e['max'])})" if e else ""
+    lines = [f"steps to validation loss, median (range) over seeds {results['seeds']}; - is not reached; "
+             f"{results['reference']}'s median final loss per batch: {results['reference_median_final_loss']}", "",
+             "| optimizer | micro-batches | lr | " + " | ".join(keys) + " | most rejections in a row |",
+             "|---|---|---|" + "---|" * (len(keys) + 1)]
+    for s in results["summary"]:
+        cells = [cell(s["steps_to_target"].get(t)) for t in keys]
+        lines.append(f"| {s['opt']} | {s['micro_batches']} | {s['lr']:g}{'' if s['default'] else ' (not default)'} | "
+                     + " | ".join(cells) + f" | {s['max_consecutive_rejections']} |")
+    return "\n".join(lines)
+
+
+def steps_to_losses(val_losses, losses):
+    """The first step (1-based) whose validation loss is at or below each of losses, or None."""
+    return [next((i + 1 for i, v in enumerate(val_losses) if v is not None and v <= loss), None) for loss in losses]
+
+
+def plot_robust(path, results):
+    """Per batch: steps to target against the target loss (median and range over the seeds) and the
+    reference baseline's median steps over each optimizer's."""
+    plt = pyplot()
+    if plt is None:
+        return
+    batches = [int(m) for m in results["targets"]]
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 7), sharex=True, squeeze=False)
+    lowest = min(min(t) for t in results["targets"].values())
+    losses = np.linspace(lowest, max(max(t) for t in results["targets"].values()) + 0.3, 40)
+    for col, m in enumerate(batches):
+        groups = {k: g for k, g in robust_groups(results["runs"]).items() if k[1] == m}
+        medians, defaults = {}, {(s["opt"], s["lr"]): s["default"] for s in results["summary"] if s["micro_batches"] == m}
+        for (opt, _, lr), group in groups.items():
+            per_seed = np.array([[np.inf if s is None else s for s in steps_to_losses(r["val_losses"], losses)]
+                                 for r in group])
+            medians[(opt, lr)] = median = np.median(per_seed, axis=0)
+            style = "-" if opt in FIRST_ORDER else ("--" if defaults[(opt, lr)] else ":")
+            line, = axes[0][col].plot(losses, np.where(np.isfinite(median), median, np.nan), style,
+                                      label=f"{opt} (lr {lr:g})")
+            low, high = per_seed.min(axis=0), per_seed.max(axis=0)
+            axes[0][col].fill_between(losses, np.where(np.isfinite(low), low, np.nan),
+                                      np.where(np.isfinite(high), high, np.nan), color=line.get_color(), alpha=0.12)
+        reference = next((v for (opt, _), v in medians.items() if opt == results["reference"]), None)
+        for (opt, lr), median in medians.items():
+            if reference is not None and opt != results["reference"]:
+                with np.errstate(invalid="ignore"):
+                    ratio = np.where(np.isfinite(reference) & np.isfinite(median), reference / median, np.nan)
+                axes[1][col].plot(losses, ratio, "--", label=f"{opt} (lr {lr:g})")
+        tokens = m * PRESETS[results["preset"]]["batch_size"] * PRESETS[results["preset"]]["seq_len"]
+        axes[0][col].set(title=f"{m} micro-batches ({tokens // 1024}K tokens per step)", ylabel="steps to target",
+                         yscale="log")
+        axes[1][col].set(xlabel="target validation loss", ylabel=f"{results['reference']}'s steps / steps")
+        axes[0][col].invert_xaxis()
+        axes[0][col].legend(fontsize=7)
+        axes[1][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+# ---------------------------------------------------------------------------
 # Reporting
 
 
@@ -657,6 +813,14 @@ def main(argv=None):
     try:
         if "init" in preset:
             args.init_from = warm_up(args)
+        if args.robust:
+            results = {**made_by, **robust_study(args)}
+            print("\n" + robust_table(results))
+            with open(args.results, "w") as f:
+                json.dump(results, f, indent=2)
+            plot_robust(plots + ".png", results)
+            print(f"results: {args.results}")
+            return results
         if args.batch_sweep:
             results, best_runs = batch_sweep(args, args.target_loss)
             results = {**made_by, **results}

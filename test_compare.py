@@ -248,3 +248,41 @@ def test_quick_race_is_muon_and_gn_at_train_py_defaults_past_muons_critical_batc
         parsed = train.parse_args(argv)
         assert (parsed.micro_batches, parsed.batch_size, parsed.seq_len) == (64, 16, 64)
         assert (parsed.inner_lr if opt.startswith("gn") else parsed.lr) == default_lr
+
+
+def test_longest_run_of_rejected_steps():
+    sizes = [0.5, 0, 0, 1, 0, 0, 0, 0.25, 0]
+    assert compare.max_consecutive_rejections([{"step_size": s} for s in sizes]) == 3
+    assert compare.max_consecutive_rejections([{"lr": 0.06}] * 4) == 0  # a first-order run has no line search
+
+
+def test_robust_study_measures_every_run_at_the_studys_targets_and_the_baselines_median(tmp_path, capsys):
+    out = tmp_path / "out"
+    results = compare.main(["--robust", "--preset", "smoke", "--opts", "adamw,gn", "--out", str(out)])
+    saved = json.loads((out / "robust_defaults.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"command", "commit", "date", "runs"} <= set(saved)
+    study = compare.PRESETS["smoke"]["robust"]
+    assert results["seeds"] == study["seeds"]
+    expected = {("adamw", m, s, 3e-3) for m in (1, 2) for s in (0, 1)}
+    expected |= {("gn", m, s, 0.02) for m in (1, 2) for s in (0, 1)} | {("gn", 2, s, 0.01) for s in (0, 1)}
+    assert {(r["opt"], r["micro_batches"], r["seed"], r.get("inner_lr", r.get("lr"))) for r in results["runs"]} == expected
+    for m in (1, 2):
+        finals = sorted(r["final_val_loss"] for r in results["runs"] if r["opt"] == "adamw" and r["micro_batches"] == m)
+        assert results["reference_median_final_loss"][str(m)] == round(sum(finals) / 2, 2)
+        assert results["targets"][str(m)] == sorted({*study["targets"], round(sum(finals) / 2, 2)}, reverse=True)
+    for r in results["runs"]:
+        if r["opt"] == "adamw":  # the baselines run their whole budget: their final loss sets a target
+            assert r["steps_run"] == compare.PRESETS["smoke"]["budget"][r["micro_batches"]]
+        lr = r.get("inner_lr", r.get("lr"))
+        records = compare.read_metrics(out / "runs" / (f"{r['opt']}-mb{r['micro_batches']}-lr{lr:g}"
+                                                       + (f"-seed{r['seed']}" if r["seed"] else "")))
+        targets = results["targets"][str(r["micro_batches"])]
+        assert set(r["steps_to_target"]) == {f"{t:.2f}" for t in targets}
+        for t in targets:
+            reached = [x["step"] for x in records if x["val_loss"] <= t]
+            assert r["steps_to_target"][f"{t:.2f}"] == (reached[0] if reached else None)
+        assert r["max_consecutive_rejections"] == compare.max_consecutive_rejections(records)
+        if r["opt"] == "gn" and r["steps_to_target"][f"{min(targets):.2f}"] is not None:
+            assert r["steps_run"] == r["steps_to_target"][f"{min(targets):.2f}"]  # GN stops at the lowest target
+    assert "most rejections in a row" in capsys.readouterr().out

@@ -888,10 +888,10 @@ def test_next_reach_follows_how_the_line_search_went():
     assert next_reach(1.0, 0.0, 1.0, 0.0) == 1 / 8  # rejected
     assert next_reach(1.0, 0.125, 0.5, 0.9) == 0.25  # Armijo halved η* twice: the model held a quarter as far
     assert next_reach(1.0, 2.0 ** -8, 0.5, 0.9) == 1 / 8  # by at most 1/8 a step
-    assert next_reach(1.0, 0.5, 0.5, 0.1) == 0.5  # taken as tried, a tenth of the predicted decrease
+    assert next_reach(1.0, 0.5, 0.5, 0.1) == 1.0  # taken as tried, a tenth of the predicted decrease: stays
     assert next_reach(1.0, 1.0, 1.0, 0.9) == 2.0  # a whole step the model predicted
-    assert next_reach(1.0, 0.3, 0.3, 0.9) == 1.0  # an η* below 1 that held
-    assert next_reach(1.0, 1.0, 1.0, 0.5) == 1.0
+    assert next_reach(1.0, 0.3, 0.3, 0.5) == 2.0  # an η* below 1 that held as well as that
+    assert next_reach(1.0, 1.0, 1.0, 0.25) == 2.0 and next_reach(1.0, 1.0, 1.0, 0.24) == 1.0
     assert next_reach(16.0, 1.0, 1.0, 1.0) == 16.0 and next_reach(2.0 ** -10, 0.0, 1.0, 0.0) == 2.0 ** -10
 
 
@@ -939,3 +939,11 @@ def test_adaptive_reach_needs_a_line_search_that_tries_a_step_first():
     for kwargs in ({"line_search": "grid"}, {"line_search": "paper"}, {"inner": "cg"}):
         with pytest.raises(ValueError, match="adaptive_reach"):
             GaussNewton(model, mode="full", loss="mse", adaptive_reach=True, **kwargs)
+
+
+def test_adaptive_reach_is_on_by_default_wherever_it_applies():
+    model = small_mlp(2)
+    assert GaussNewton(model, mode="full", loss="mse").adaptive_reach
+    assert GaussNewton(model, mode="full", loss="mse", line_search="backtracking").adaptive_reach
+    for kwargs in ({"line_search": "grid"}, {"line_search": "paper"}, {"inner": "cg"}, {"adaptive_reach": False}):
+        assert not GaussNewton(model, mode="full", loss="mse", **kwargs).adaptive_reach

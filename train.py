@@ -179,9 +179,11 @@ def parse_args(argv=None):
     gn.add_argument("--min-step-size", type=positive(float), default=None,
                     help="smallest step the line search tries (default: 1/4 full, about 1/(4 blocks) layerwise)")
     gn.add_argument("--damping", type=float, default=0.0, help="adds damping/2 |delta|^2 to the quadratic")
-    gn.add_argument("--adaptive-reach", action="store_true",
+    gn.add_argument("--adaptive-reach", action=argparse.BooleanOptionalAction, default=None,
                     help="scale the inner lr by a reach each line search sets for the next step: smaller after a "
-                         "rejected or cut step, larger after a whole one the GN model predicted (gn.py next_reach)")
+                         "rejected or cut step, larger after a whole one the GN model predicted (gn.py next_reach; "
+                         "default: on with --line-search model or backtracking and a first-order --inner; "
+                         "--no-adaptive-reach: the inner lr follows its schedule alone)")
     gn.add_argument("--no-warm-start", action="store_true", help="reset the inner optimizer's state every outer step")
     gn.add_argument("--keep-iterate", action=argparse.BooleanOptionalAction, default=False,
                     help="start each inner loop where the last one ended instead of at the weights (the paper's)")
