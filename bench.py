@@ -56,6 +56,9 @@ BENCH_PRESETS = {
     "small": ("small", 8, 128, 5, None),   # CPU, a few minutes
     "45m": ("45m", 8, 1024, 10, None),     # GPU
     "150m": ("150m", 8, 1024, 10, None),   # GPU
+    "paper45m": ("paper45m", 8, 1024, 10, None),    # GPU: the authors' architectures (model.py)
+    "paper150m": ("paper150m", 8, 1024, 10, None),  # GPU
+    "smoke": ("tiny", 2, 32, 1, 1),        # seconds, for the tests: not a measurement
 }
 KINDS = ("train", "gn", "layerwise", "naive", "pruned")
 OUTER_MICRO_BATCHES = {"tiny": 32, "small": 16, "45m": 32, "150m": 32}
@@ -156,7 +159,7 @@ def outer_steps(preset, device, dtype, k, ls_micro_batches, seed=0):
 
 
 def bench_outer(args, device, dtype):
-    k, repeats = OUTER_MICRO_BATCHES[args.preset], args.repeats or OUTER_REPEATS[args.preset]
+    k, repeats = OUTER_MICRO_BATCHES.get(args.preset, 32), args.repeats or OUTER_REPEATS.get(args.preset, 5)
     ls_k = default_ls_micro_batches(k, args.ls_fraction)
     fns, line_search_s = outer_steps(args.preset, device, dtype, k, ls_k)
     times = time_all(fns, device, repeats)

@@ -4,6 +4,7 @@
     python compare.py                          # the headline: every optimizer at 64K tokens per step (25 min)
     python compare.py --batch-sweep            # Muon and GN from 4K to 256K tokens per step (65 min)
     python compare.py --robust                 # GN's defaults on five seeds at 64K and 256K, no sweep (3 h)
+    python compare.py --preset gpu-quick       # the paper's race shrunk to ~8 minutes of one H100 (--smoke: CPU)
     python compare.py --preset 45m --data DIR  # the paper's 45M model on a GPU (C4, T5 tokens)
 
 GN's advantage lives at large batch: a first-order method stops needing fewer
@@ -42,6 +43,7 @@ the same train.py arguments is reused, so an interrupted comparison continues
 where it stopped (delete DIR to run everything again).
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -121,6 +123,27 @@ PRESETS = {
                   robust=dict(opts=["adamw", "gn", "gn_layerwise"], batches=[1, 2], seeds=[0, 1], targets=[5.0, 4.0],
                               inner_lrs={"gn": {2: [0.01]}})),
 }
+# The paper's comparison shrunk to fit about 8 minutes of one H100 or H200
+# (--preset gpu-quick), fixed before any GPU ran it: the authors' 45M
+# architecture on the data's vocabulary (the embedded byte corpus: 256 tokens,
+# 13M parameters; T5's 32100: 45M), float32 with TF32 matmuls, one AdamW
+# warm-up of 200 steps of 16K tokens shared by every run, then Muon, full and
+# layerwise GN at train.py's defaults (no sweep, the adaptive reach on) at
+# 512K tokens per step for 20 steps, to Muon's final loss; bench.py at the
+# paper45m and paper150m shapes; the CUDA tests. --smoke: the same code path
+# at tiny sizes on the CPU.
+GPU_QUICK = dict(
+    model="paper45m", batch_size=16, seq_len=1024, eval_batches=8, target_loss=None,
+    micro_batches=32, batch_sweep=[32], budget={32: 20},
+    lrs={"muon": [DEFAULT_LR["muon"]], "gn": [GN_INNER_LR["muon"]], "gn_layerwise": [GN_INNER_LR["muon"]]},
+    opts=["muon", "gn", "gn_layerwise"], sweep_opts=[], seed_opts=[],
+    init=dict(opt="adamw", steps=200, micro_batches=1, lr=DEFAULT_LR["adamw"]),
+    train_args=["--matmul-precision", "high"], gn_args=[],
+    bench=["paper45m", "paper150m"], cuda_tests=True)
+GPU_QUICK_SMOKE = dict(GPU_QUICK, model="tiny", batch_size=4, seq_len=32, eval_batches=2, micro_batches=2,
+                       batch_sweep=[2], budget={2: 3}, init=dict(GPU_QUICK["init"], steps=3),
+                       bench=["smoke", "smoke"], cuda_tests=False)
+PRESETS.update({"gpu-quick": GPU_QUICK, "gpu-quick-smoke": GPU_QUICK_SMOKE})
 RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 4}  # per step, to start long sweeps first
 MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
 
@@ -188,6 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--robust", action="store_true",
                    help="the robust-defaults study: Muon, full and layerwise GN at their defaults at two batches on "
                         "five seeds, full GN also at other starting inner lrs (--seeds: other seeds)")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --preset gpu-quick: the same code path at tiny sizes on the CPU, in under a minute")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time, each with its share of the cores (default: 2 on CPU, 1 on CUDA)")
     p.add_argument("--data", default=None, help="train.py's --data (default: the embedded corpus)")
@@ -200,6 +225,10 @@ def parse_args(argv=None):
         if args.preset not in ("cpu", "quick") or args.batch_sweep:
             p.error("--quick is its own preset: not with --preset or --batch-sweep")
         args.preset = "quick"
+    if args.smoke:
+        if args.preset != "gpu-quick":
+            p.error("--smoke shrinks --preset gpu-quick: give --preset gpu-quick")
+        args.preset = "gpu-quick-smoke"
     if args.robust and (args.quick or args.batch_sweep):
         p.error("--robust is its own study: not with --quick or --batch-sweep")
     preset = PRESETS[args.preset]
@@ -243,7 +272,8 @@ def parse_args(argv=None):
         args.data = os.path.abspath(args.data)
     if args.results is None:
         args.results = os.path.join(args.out, "batch.json" if args.batch_sweep else
-                                    "robust_defaults.json" if args.robust else "results.json")
+                                    "robust_defaults.json" if args.robust else
+                                    "gpu_quick.json" if "bench" in preset else "results.json")
     args.init_from = None  # the warm-up's checkpoint, once main has run it
     return args
 
@@ -376,7 +406,7 @@ def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, sto
     reached = first_reaching(records, target_loss) if target_loss is not None else None
     print(f"done   {os.path.basename(run_dir)}: "
           + (f"target at step {reached['step']}" if reached else f"final loss {final_val_loss(records)}"), flush=True)
-    return {"opt": opt, "lr": lr, "seed": seed, "micro_batches": micro_batches, "records": records,
+    return {"opt": opt, "lr": lr, "seed": seed, "micro_batches": micro_batches, "records": records, "run_dir": run_dir,
             "tokens_per_step": micro_batches * preset["batch_size"] * preset["seq_len"],
             "exit_code": code, "peak_memory_bytes": memory.get("peak_memory_bytes"), "memory_kind": memory.get("kind")}
 
@@ -690,6 +720,65 @@ def plot_robust(path, results):
 
 
 # ---------------------------------------------------------------------------
+# The GPU race
+
+
+def device_name(args):
+    import torch
+    if args.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def bench_ratios(args, preset):
+    """bench.py's inner-step times and peak memories at one of its presets, as ratios to a training step."""
+    path = os.path.join(args.out, f"bench-{preset}.json")
+    device = ["--device", args.device] if args.device != "auto" else []
+    code = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--preset", preset, *device,
+                           "--json", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if code.returncode != 0:
+        raise RuntimeError(f"bench.py --preset {preset} failed: {code.stderr.strip().splitlines()[-1]}")
+    with open(path) as f:
+        b = json.load(f)
+    return {"gn_inner_over_train_step": b["gn_inner_s"] / b["train_step_s"],
+            "layerwise_inner_over_train_step": b["layerwise_inner_s"] / b["train_step_s"],
+            "layerwise_over_naive_layerwise": b["layerwise_inner_s"] / b["naive_layerwise_inner_s"],
+            "gn_peak_memory_over_train_step": b["gn_inner_peak_mb"] / b["train_step_peak_mb"],
+            "layerwise_peak_memory_over_train_step": b["layerwise_inner_peak_mb"] / b["train_step_peak_mb"],
+            "train_step_s": b["train_step_s"], "train_step_peak_mb": b["train_step_peak_mb"], "n_blocks": b["n_blocks"]}
+
+
+def cuda_tests():
+    """The suite's CUDA tests (those named for CUDA), in a child pytest; returns its summary line."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", HERE], capture_output=True, text=True,
+                            cwd=HERE)
+    lines = result.stdout.strip().splitlines()
+    return {"exit_code": result.returncode, "summary": lines[-1] if lines else result.stderr.strip()[-200:]}
+
+
+def gpu_quick(args):
+    """The preset's race at its one batch to the best baseline's final loss, bench.py at the preset's
+    shapes and the CUDA tests: what results/gpu_quick.json keeps."""
+    import torch
+    preset = PRESETS[args.preset]
+    target, best, best_runs, _ = compare(args, preset["micro_batches"], args.target_loss)
+    from model import GPT, PRESETS as MODELS
+    vocab = json.load(open(os.path.join(best_runs[args.opts[0]]["run_dir"], "config.json"))).get("vocab_size")
+    runs = {opt: {k: s[k] for k in ("lr", "steps_to_target", "tokens_to_target", "time_to_target_s",
+                                     "final_val_loss", "steps_run", "peak_memory_bytes", "memory_kind")}
+            for opt, s in best.items()}
+    return {"device": device_name(args), "torch": torch.__version__, "preset": args.preset, "model": preset["model"],
+            "parameters": GPT(dataclasses.replace(MODELS[preset["model"]], vocab_size=vocab)).num_params()
+            if vocab else None, "vocab_size": vocab,
+            "outer_batch_tokens": preset["micro_batches"] * preset["batch_size"] * preset["seq_len"],
+            "budget_steps": preset["budget"][preset["micro_batches"]], "target_loss": target,
+            "target_rule": "best baseline's final val loss" if args.target_loss is None else "given",
+            "warm_up": preset["init"], "seeds": args.seeds, "runs": runs,
+            "bench": {name: bench_ratios(args, name) for name in dict.fromkeys(preset["bench"])},
+            "cuda_tests": cuda_tests() if preset["cuda_tests"] else None}, best_runs
+
+
+# ---------------------------------------------------------------------------
 # Reporting
 
 
@@ -819,6 +908,16 @@ def main(argv=None):
             with open(args.results, "w") as f:
                 json.dump(results, f, indent=2)
             plot_robust(plots + ".png", results)
+            print(f"results: {args.results}")
+            return results
+        if "bench" in preset:
+            results, best_runs = gpu_quick(args)
+            results = {**made_by, **results}
+            print("\n" + table(results))
+            with open(args.results, "w") as f:
+                json.dump(results, f, indent=2)
+            plot_losses(plots + ".png", best_runs, results["target_loss"],
+                        f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step, {results['device']}")
             print(f"results: {args.results}")
             return results
         if args.batch_sweep:

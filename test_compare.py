@@ -1,4 +1,5 @@
 """compare.py: the steps-to-target logic on synthetic metrics, results.json from the smoke preset, bad input."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -6,8 +7,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 import compare
+import model
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,7 +163,8 @@ def test_gpu_presets_start_every_run_from_one_warm_up_with_the_papers_recipe(tmp
 @pytest.mark.parametrize("argv", [["--preset", "nope"], ["--opts", "adamw,sgd"], ["--preset", "smoke", "--opts", "gn"],
                                   ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"],
                                   ["--quick", "--batch-sweep"], ["--quick", "--preset", "45m"],
-                                  ["--preset", "smoke", "--seeds", "0,1"], ["--seeds", "0,x"]])
+                                  ["--preset", "smoke", "--seeds", "0,1"], ["--seeds", "0,x"], ["--smoke"],
+                                  ["--robust", "--quick"], ["--robust", "--preset", "45m"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         compare.parse_args(argv)
@@ -286,3 +290,43 @@ def test_robust_study_measures_every_run_at_the_studys_targets_and_the_baselines
         if r["opt"] == "gn" and r["steps_to_target"][f"{min(targets):.2f}"] is not None:
             assert r["steps_run"] == r["steps_to_target"][f"{min(targets):.2f}"]  # GN stops at the lowest target
     assert "most rejections in a row" in capsys.readouterr().out
+
+
+def test_gpu_quick_is_the_paper_architecture_past_muons_critical_batch_at_train_py_defaults():
+    args = compare.parse_args(["--preset", "gpu-quick", "--device", "cpu"])
+    preset = compare.PRESETS["gpu-quick"]
+    assert args.opts == ["muon", "gn", "gn_layerwise"] and args.target_loss is None and "init" in preset
+    assert preset["model"] == "paper45m" and preset["micro_batches"] * preset["batch_size"] * preset["seq_len"] == 2 ** 19
+    smoke = compare.PRESETS["gpu-quick-smoke"]
+    for key in ("opts", "lrs", "train_args", "gn_args", "target_loss", "cuda_tests"):  # smoke: only the sizes differ
+        assert smoke[key] == preset[key] or key == "cuda_tests"
+    for opt in args.opts:
+        defaults = train.parse_args(["--opt", opt])
+        assert preset["lrs"][opt] == [defaults.inner_lr if opt.startswith("gn") else defaults.lr]
+        parsed = train.parse_args(compare.train_argv(args, "dir", opt, preset["lrs"][opt][0], 32, seed=0))
+        assert (parsed.model, parsed.matmul_precision, parsed.steps) == ("paper45m", "high", 20)
+
+
+def test_gpu_quick_smoke_runs_the_gpu_race_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    results = compare.main(["--preset", "gpu-quick", "--smoke", "--device", "cpu", "--out", str(out)])
+    saved = json.loads((out / "gpu_quick.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"command", "commit", "date", "device", "torch", "runs", "bench", "parameters"} <= set(saved)
+    assert results["device"].startswith("cpu") and results["torch"] == torch.__version__
+    config = dataclasses.replace(model.PRESETS["tiny"], vocab_size=256)
+    assert results["parameters"] == model.GPT(config).num_params()
+    assert set(results["runs"]) == {"muon", "gn", "gn_layerwise"}
+    muon = results["runs"]["muon"]
+    assert results["target_loss"] == muon["final_val_loss"]  # the target is Muon's final loss
+    assert muon["steps_to_target"] is not None and muon["steps_to_target"] <= muon["steps_run"]
+    warm_up = next((out / "runs").glob("init-*")) / "ckpt.pt"
+    for opt, run in results["runs"].items():
+        assert run["peak_memory_bytes"] > 0
+        config = json.loads((out / "runs" / f"{opt}-mb2-lr{run['lr']:g}" / "config.json").read_text())
+        assert config["init_from"] == str(warm_up)  # every run starts from the one warm-up
+    bench = json.loads((out / "bench-smoke.json").read_text())
+    ratios = results["bench"]["smoke"]
+    assert ratios["gn_inner_over_train_step"] == bench["gn_inner_s"] / bench["train_step_s"]
+    assert ratios["layerwise_over_naive_layerwise"] == bench["layerwise_inner_s"] / bench["naive_layerwise_inner_s"]
+    assert results["cuda_tests"] is None  # the CPU smoke leaves the CUDA tests to the GPU run

@@ -140,6 +140,9 @@ def parse_args(argv=None):
                    help="seeds the model and the batches (with --init-from: the validation batches only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype")
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision: high lets float32 matmuls use TF32 on CUDA "
+                        "(compare.py's GPU race does)")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl and config.json")
     p.add_argument("--ckpt-every", type=int, default=None,
                    help="write DIR/ckpt.pt every N steps (default: every evaluation) and at the end")
@@ -320,7 +323,7 @@ def write_atomic(path, write):
 
 
 # Options that define the run: a resumed run must be given the same ones. Not
-# --device or --attention-backward: they change the round-off, not the math.
+# --device, --attention-backward or --matmul-precision: they change the round-off, not the math.
 RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len", "lr", "weight_decay",
                 "muon_weight_decay", "adamw_lr_ratio", "betas", "grad_clip", "schedule", "warmup", "eval_batches",
                 "seed", "dtype", "inner", "inner_lr", "inner_steps", "ls_micro_batches", "ls_model_fraction",
@@ -390,6 +393,7 @@ def main(argv=None):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision(args.matmul_precision)
 
     data = load_dataset(args.data)
     data.check(args.seq_len)
