@@ -32,6 +32,14 @@ with the model of McCandlish et al. 2018, "An Empirical Model of Large-Batch
 Training": S(B) = S_min (1 + B_noise / B). B_noise is the critical batch:
 below it more data per step buys fewer steps, above it hardly any.
 
+The robust-defaults study (--robust) asks whether GN's defaults hold without
+any sweep: Muon, full and layerwise GN at their default lrs at 64 and 256
+micro-batches on seeds 0-4, full GN at 256 also at inner lrs 0.005, 0.02 and
+0.04. The baselines run their whole budget, and their median final loss at a
+batch joins the study's targets (2.6, 2.35, 2.2); each GN run stops at the
+lowest. Every run records its steps to each target and its longest run of
+rejected steps (robust_defaults.json, robust_defaults.png).
+
 Every run is `train.py` in its own process (--jobs at a time, each with its
 share of the cores), so the peak memory is per run: torch.cuda.max_memory_allocated
 on CUDA, the process's maximum resident set size on CPU. Writes to --out DIR:
