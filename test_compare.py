@@ -205,7 +205,8 @@ def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path
     assert all("val_loss" in r for r in records)
     reached = [r["step"] for r in records if r["val_loss"] <= results["target_loss"]]
     assert gn["steps_to_target"] == (reached[0] if reached else None)
-    assert gn["tokens_to_target"] is None or gn["tokens_to_target"] == 2 * 2 * 4 * 32 * gn["steps_to_target"]
+    per_step = (2 + train.default_ls_micro_batches(2, train.LS_FRACTION)) * 4 * 32  # inner and line-search batches
+    assert gn["tokens_to_target"] is None or gn["tokens_to_target"] == per_step * gn["steps_to_target"]
     assert gn["peak_memory_bytes"] > 0 and gn["memory_kind"] == "process_max_rss"
     assert "| optimizer | lr | steps to target |" in capsys.readouterr().out
     # the same command again reuses every finished run and measures the same
