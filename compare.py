@@ -701,19 +701,20 @@ def plot_robust(path, results):
         for (opt, _, lr), group in groups.items():
             per_seed = np.array([[np.inf if s is None else s for s in steps_to_losses(r["val_losses"], losses)]
                                  for r in group])
-            medians[(opt, lr)] = median = np.median(per_seed, axis=0)
+            median = np.median(per_seed, axis=0)
             style = "-" if opt in FIRST_ORDER else ("--" if defaults[(opt, lr)] else ":")
             line, = axes[0][col].plot(losses, np.where(np.isfinite(median), median, np.nan), style,
                                       label=f"{opt} (lr {lr:g})")
+            medians[(opt, lr)] = median, line.get_color(), style
             low, high = per_seed.min(axis=0), per_seed.max(axis=0)
             axes[0][col].fill_between(losses, np.where(np.isfinite(low), low, np.nan),
                                       np.where(np.isfinite(high), high, np.nan), color=line.get_color(), alpha=0.12)
-        reference = next((v for (opt, _), v in medians.items() if opt == results["reference"]), None)
-        for (opt, lr), median in medians.items():
+        reference = next((v[0] for (opt, _), v in medians.items() if opt == results["reference"]), None)
+        for (opt, lr), (median, color, style) in medians.items():
             if reference is not None and opt != results["reference"]:
                 with np.errstate(invalid="ignore"):
                     ratio = np.where(np.isfinite(reference) & np.isfinite(median), reference / median, np.nan)
-                axes[1][col].plot(losses, ratio, "--", label=f"{opt} (lr {lr:g})")
+                axes[1][col].plot(losses, ratio, style, color=color, label=f"{opt} (lr {lr:g})")
         tokens = m * PRESETS[results["preset"]]["batch_size"] * PRESETS[results["preset"]]["seq_len"]
         axes[0][col].set(title=f"{m} micro-batches ({tokens // 1024}K tokens per step)", ylabel="steps to target",
                          yscale="log")
