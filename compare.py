@@ -150,7 +150,7 @@ GPU_QUICK = dict(
     bench=["paper45m", "paper150m"], cuda_tests=True)
 GPU_QUICK_SMOKE = dict(GPU_QUICK, model="tiny", batch_size=4, seq_len=32, eval_batches=2, micro_batches=2,
                        batch_sweep=[2], budget={2: 3}, init=dict(GPU_QUICK["init"], steps=3),
-                       bench=["smoke", "smoke"], cuda_tests=False)
+                       bench=["smoke"], cuda_tests=False)
 PRESETS.update({"gpu-quick": GPU_QUICK, "gpu-quick-smoke": GPU_QUICK_SMOKE})
 RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 4}  # per step, to start long sweeps first
 MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
@@ -682,7 +682,8 @@ def robust_table(results):
 
 def steps_to_losses(val_losses, losses):
     """The first step (1-based) whose validation loss is at or below each of losses, or None."""
-    return [next((i + 1 for i, v in enumerate(val_losses) if v is not None and v <= loss), None) for loss in losses]
+    records = [{"step": i + 1, "val_loss": v} for i, v in enumerate(val_losses)]
+    return [(first_reaching(records, loss) or {}).get("step") for loss in losses]
 
 
 def plot_robust(path, results):
@@ -783,7 +784,7 @@ def gpu_quick(args):
             "budget_steps": preset["budget"][preset["micro_batches"]], "target_loss": target,
             "target_rule": "best baseline's final val loss" if args.target_loss is None else "given",
             "warm_up": preset["init"], "seeds": args.seeds, "runs": runs,
-            "bench": {name: bench_ratios(args, name) for name in dict.fromkeys(preset["bench"])},
+            "bench": {name: bench_ratios(args, name) for name in preset["bench"]},
             "cuda_tests": cuda_tests() if preset["cuda_tests"] else None}, best_runs
 
 
@@ -900,6 +901,12 @@ def plot_batch(path, results):
     print(f"plot: {path}")
 
 
+def save_results(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"results: {path}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -914,32 +921,26 @@ def main(argv=None):
         if args.robust:
             results = {**made_by, **robust_study(args)}
             print("\n" + robust_table(results))
-            with open(args.results, "w") as f:
-                json.dump(results, f, indent=2)
+            save_results(args.results, results)
             plot_robust(plots + ".png", results)
-            print(f"results: {args.results}")
             return results
         if "bench" in preset:
             results, best_runs = gpu_quick(args)
             results = {**made_by, **results}
             print("\n" + table(results))
-            with open(args.results, "w") as f:
-                json.dump(results, f, indent=2)
+            save_results(args.results, results)
             plot_losses(plots + ".png", best_runs, results["target_loss"],
                         f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step, {results['device']}")
-            print(f"results: {args.results}")
             return results
         if args.batch_sweep:
             results, best_runs = batch_sweep(args, args.target_loss)
             results = {**made_by, **results}
             print("\n" + batch_table(results))
-            with open(args.results, "w") as f:
-                json.dump(results, f, indent=2)
+            save_results(args.results, results)
             plot_batch(plots + ".png", results)
             largest = max(preset["batch_sweep"]) * preset["batch_size"] * preset["seq_len"]
             plot_losses(plots + "_loss.png", best_runs, results["target_loss"],
                         f"{preset['model']}, {largest} tokens per outer step")
-            print(f"results: {args.results}")
             return results
         mb = preset["micro_batches"]
         if len(args.seeds) > 1:
@@ -966,9 +967,7 @@ def main(argv=None):
             print(f"note: {opt}'s best lr {best[opt]['lr']:g} is at the edge of its grid {sorted(grid)}")
     plot_losses(plots + ".png", best_runs, target,
                 f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step")
-    with open(args.results, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"results: {args.results}")
+    save_results(args.results, results)
     return results
 
 

@@ -453,6 +453,11 @@ INNER_SOLVERS = ("muon", "adamw", "soap", "shampoo", "cg")
 COMBINES = ("sum", "span")
 
 
+def reach_applies(line_search, inner):
+    """Whether the adaptive reach can run: a line search that tries one step first, a first-order inner solver."""
+    return line_search in ("model", "backtracking") and inner != "cg"
+
+
 def default_blocks(model):
     """Parameter names per block: `model.gn_blocks()`, else one per top-level child."""
     if hasattr(model, "gn_blocks"):
@@ -568,8 +573,8 @@ class GaussNewton(torch.optim.Optimizer):
             raise ValueError(f"unknown combine {combine!r}: choose one of {', '.join(COMBINES)}")
         if not 0 < ls_model_fraction <= 1:
             raise ValueError(f"ls_model_fraction must be in (0, 1], got {ls_model_fraction}")
-        reach_applies = line_search in ("model", "backtracking") and inner != "cg"
-        if adaptive_reach and not reach_applies:
+        applies = reach_applies(line_search, inner)
+        if adaptive_reach and not applies:
             raise ValueError("adaptive_reach needs line_search 'model' or 'backtracking' and a first-order inner solver")
         if inner_schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
@@ -581,7 +586,7 @@ class GaussNewton(torch.optim.Optimizer):
         self.prox_linear, self.line_search, self.damping, self.cg_tol = prox_linear, line_search, damping, cg_tol
         self.ls_model_fraction = ls_model_fraction
         self.warm_start, self.keep_iterate, self.combine = warm_start, keep_iterate, combine
-        self.adaptive_reach = reach_applies if adaptive_reach is None else adaptive_reach
+        self.adaptive_reach = applies if adaptive_reach is None else adaptive_reach
 
         if mode == "full":
             blocks = [list(self.named)]

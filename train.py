@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from baselines import DEFAULT_LR, MUON_ADAMW_LR_RATIO, make_optimizer
 from data import DataError, MicroBatches, eval_batches, load_dataset
-from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean, default_blocks
+from gn import COMBINES, INNER_SOLVERS, LINE_SEARCHES, GaussNewton, all_reduce_mean, default_blocks, reach_applies
 from model import ATTENTION_BACKWARDS, GPT, PRESETS
 
 MAX_FAILURES = 5  # non-finite steps in a row before a run gives up
@@ -211,9 +211,12 @@ def parse_args(argv=None):
         p.error(f"--lr sets a first-order optimizer's learning rate: {args.opt} takes --inner-lr")
     if not is_gn and args.inner_lr is not None:
         p.error(f"--inner-lr is Gauss-Newton's: {args.opt} takes --lr")
-    if args.adaptive_reach and not (is_gn and args.line_search in ("model", "backtracking") and args.inner != "cg"):
+    applies = is_gn and reach_applies(args.line_search, args.inner)
+    if args.adaptive_reach and not applies:
         p.error("--adaptive-reach adapts Gauss-Newton's inner lr from its line search: it needs a GN --opt, "
                 "--line-search model or backtracking and a first-order --inner")
+    if args.adaptive_reach is None:  # config.json and checkpoints keep what the run did, not "auto"
+        args.adaptive_reach = applies
     if args.merge_embedding and not (is_gn and GN_VARIANTS[args.opt][0] == "layerwise"):
         p.error(f"--merge-embedding groups layerwise GN's blocks: {args.opt} has none")
     if args.steps is None:
