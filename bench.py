@@ -86,9 +86,11 @@ def setup(preset, device, dtype, seed=0):
     full, layerwise, pruned = gn_optimizer("full"), gn_optimizer("layerwise"), gn_optimizer("layerwise", cached=False)
 
     def train():
+        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
+        # Freed here, not at the next call's start: a peak measured from before a
+        # call then counts the gradients, as GN's counts the ∇Q it returns.
         for p in model.parameters():
             p.grad = None
-        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
 
     def gn_inner(opt):
         def run():
@@ -244,7 +246,7 @@ def memory_in_fresh_process(args, kind):
         return float("nan")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--dtype", args.dtype,
-           "--threads", str(torch.get_num_threads()), "--memory-of", kind]
+           "--matmul-precision", args.matmul_precision, "--threads", str(torch.get_num_threads()), "--memory-of", kind]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -255,6 +257,8 @@ def main(argv=None):
     p.add_argument("--preset", choices=BENCH_PRESETS, default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision, as train.py's (high: TF32 on CUDA)")
     p.add_argument("--repeats", type=positive(int), default=None, help="timed rounds (default: the preset's)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: the preset's, else torch's)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (with the command, commit and date)")
@@ -266,6 +270,7 @@ def main(argv=None):
     threads = args.threads or BENCH_PRESETS[args.preset][4]
     if threads:
         torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     if args.outer:
         results = {**provenance("bench.py", argv), **bench_outer(args, device, getattr(torch, args.dtype))}
@@ -311,7 +316,7 @@ def main(argv=None):
         "train_step_peak_mb": memory["train"], "gn_inner_peak_mb": memory["gn"],
         "layerwise_inner_peak_mb": memory["layerwise"], "naive_layerwise_inner_peak_mb": memory["naive"],
         "pruned_layerwise_inner_s": times["pruned"],
-        "preset": args.preset, "device": args.device, "dtype": args.dtype,
+        "preset": args.preset, "device": args.device, "dtype": args.dtype, "matmul_precision": args.matmul_precision,
     }
     if args.json:
         with open(args.json, "w") as f:

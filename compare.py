@@ -140,14 +140,14 @@ PRESETS = {
 # 512K tokens per step for 20 steps, to Muon's final loss; bench.py at the
 # paper45m and paper150m shapes; the CUDA tests. --smoke: the same code path
 # at tiny sizes on the CPU.
+TF32 = ["--matmul-precision", "high"]  # train.py's and bench.py's: float32 matmuls in TF32 on CUDA
 GPU_QUICK = dict(
     model="paper45m", batch_size=16, seq_len=1024, eval_batches=8, target_loss=None,
     micro_batches=32, batch_sweep=[32], budget={32: 20},
     lrs={"muon": [DEFAULT_LR["muon"]], "gn": [GN_INNER_LR["muon"]], "gn_layerwise": [GN_INNER_LR["muon"]]},
     opts=["muon", "gn", "gn_layerwise"], sweep_opts=[], seed_opts=[],
-    init=dict(opt="adamw", steps=200, micro_batches=1, lr=DEFAULT_LR["adamw"]),
-    train_args=["--matmul-precision", "high"], gn_args=[],
-    bench=["paper45m", "paper150m"], cuda_tests=True)
+    init=dict(opt="adamw", steps=200, micro_batches=1, lr=DEFAULT_LR["adamw"], args=TF32),
+    train_args=TF32, gn_args=[], bench=["paper45m", "paper150m"], bench_args=TF32, cuda_tests=True)
 GPU_QUICK_SMOKE = dict(GPU_QUICK, model="tiny", batch_size=4, seq_len=32, eval_batches=2, micro_batches=2,
                        batch_sweep=[2], budget={2: 3}, init=dict(GPU_QUICK["init"], steps=3),
                        bench=["smoke"], cuda_tests=False)
@@ -156,8 +156,12 @@ RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 
 MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
 
 # What each run process does: train.py's main, then its peak memory into DIR/memory.json.
+# A crash (an exception train.py does not handle: CUDA out of memory, a bug)
+# exits with CRASHED, not with the 1 of a run that diverged, so that it is
+# not kept as a finished run.
+CRASHED = 3
 CHILD = """
-import json, os, resource, sys
+import json, os, resource, sys, traceback
 sys.path.insert(0, sys.argv.pop(1))
 import torch, train
 from data import DataError
@@ -166,12 +170,15 @@ try:
     train.main(argv)
 except DataError as e:
     train.fail(str(e))
+except Exception:
+    traceback.print_exc()
+    sys.exit(%d)
 cuda = torch.cuda.is_available() and argv[argv.index('--device') + 1] != 'cpu'
 peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 kind = 'cuda_max_allocated' if cuda else 'process_max_rss'
 with open(os.path.join(argv[argv.index('--out') + 1], 'memory.json'), 'w') as f:
     json.dump({'peak_memory_bytes': peak, 'kind': kind}, f)
-"""
+""" % CRASHED
 
 
 class RunRejected(Exception):
@@ -358,7 +365,8 @@ def train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, st
 
 
 def warm_up(args):
-    """Train the preset's warm-up (init) once; returns its checkpoint, which every run starts from."""
+    """Train the preset's warm-up (init, with its own train.py args) once; returns its checkpoint, which
+    every run starts from (the only one it writes)."""
     preset = PRESETS[args.preset]
     init = preset["init"]
     run_dir = os.path.join(args.out, "runs", f"init-{init['opt']}-lr{init['lr']:g}-steps{init['steps']}")
@@ -366,7 +374,8 @@ def warm_up(args):
             "--batch-size", str(preset["batch_size"]), "--seq-len", str(preset["seq_len"]),
             "--micro-batches", str(init["micro_batches"]), "--steps", str(init["steps"]),
             "--eval-batches", str(preset["eval_batches"]), "--seed", str(args.seed), "--device", args.device,
-            "--sample-tokens", "0", "--out", run_dir] + (["--data", args.data] if args.data is not None else [])
+            "--sample-tokens", "0", "--ckpt-every", str(init["steps"]), "--out", run_dir, *init.get("args", [])]
+    argv += ["--data", args.data] if args.data is not None else []
     if launch(args, run_dir, argv) != 0:
         raise RuntimeError(f"the warm-up run in {run_dir} diverged: every run would start from it")
     return os.path.join(run_dir, "ckpt.pt")
@@ -395,6 +404,8 @@ def launch(args, run_dir, argv):
             with open(os.path.join(run_dir, "train.log")) as log:
                 print(log.read().strip().splitlines()[-1], file=sys.stderr)
             raise RunRejected(f"train.py rejected the run in {run_dir} (its message is above)")
+        if code == CRASHED:
+            raise RuntimeError(f"the run in {run_dir} crashed: its train.log ends with the traceback")
         if code not in (0, 1):  # interrupted or killed: not a finished run (1 is a run that diverged)
             raise RuntimeError(f"the run in {run_dir} stopped with exit code {code}; rerun to continue")
         with open(finished, "w") as f:
@@ -741,13 +752,16 @@ def device_name(args):
 
 
 def bench_ratios(args, preset):
-    """bench.py's inner-step times and peak memories at one of its presets, as ratios to a training step."""
+    """bench.py's inner-step times and peak memories at one of its presets, as ratios to a training step,
+    at the race's matmul precision; {"error": its last line} when it fails."""
     path = os.path.join(args.out, f"bench-{preset}.json")
     device = ["--device", args.device] if args.device != "auto" else []
     code = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--preset", preset, *device,
-                           "--json", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           *PRESETS[args.preset]["bench_args"], "--json", path],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if code.returncode != 0:
-        raise RuntimeError(f"bench.py --preset {preset} failed: {code.stderr.strip().splitlines()[-1]}")
+        print(f"bench.py --preset {preset} failed (exit code {code.returncode})", file=sys.stderr)
+        return {"error": (code.stderr.strip().splitlines() or [f"exit code {code.returncode}"])[-1]}
     with open(path) as f:
         b = json.load(f)
     return {"gn_inner_over_train_step": b["gn_inner_s"] / b["train_step_s"],
@@ -766,9 +780,11 @@ def cuda_tests():
     return {"exit_code": result.returncode, "summary": lines[-1] if lines else result.stderr.strip()[-200:]}
 
 
-def gpu_quick(args):
+def gpu_quick(args, made_by, plots):
     """The preset's race at its one batch to the best baseline's final loss, bench.py at the preset's
-    shapes and the CUDA tests: what results/gpu_quick.json keeps."""
+    shapes and the CUDA tests: what results/gpu_quick.json keeps. The file is written after the race
+    and again after each bench and the tests, so that a failure or a time limit after the race loses
+    only what had not run yet."""
     import torch
     preset = PRESETS[args.preset]
     target, best, best_runs, _ = compare(args, preset["micro_batches"], args.target_loss)
@@ -777,15 +793,25 @@ def gpu_quick(args):
     runs = {opt: {k: s[k] for k in ("lr", "steps_to_target", "tokens_to_target", "time_to_target_s",
                                      "final_val_loss", "steps_run", "peak_memory_bytes", "memory_kind")}
             for opt, s in best.items()}
-    return {"device": device_name(args), "torch": torch.__version__, "preset": args.preset, "model": preset["model"],
-            "parameters": GPT(dataclasses.replace(MODELS[preset["model"]], vocab_size=vocab)).num_params()
-            if vocab else None, "vocab_size": vocab,
-            "outer_batch_tokens": preset["micro_batches"] * preset["batch_size"] * preset["seq_len"],
-            "budget_steps": preset["budget"][preset["micro_batches"]], "target_loss": target,
-            "target_rule": "best baseline's final val loss" if args.target_loss is None else "given",
-            "warm_up": preset["init"], "seeds": args.seeds, "runs": runs,
-            "bench": {name: bench_ratios(args, name) for name in preset["bench"]},
-            "cuda_tests": cuda_tests() if preset["cuda_tests"] else None}, best_runs
+    results = {**made_by, "device": device_name(args), "torch": torch.__version__, "preset": args.preset,
+               "model": preset["model"],
+               "parameters": GPT(dataclasses.replace(MODELS[preset["model"]], vocab_size=vocab)).num_params()
+               if vocab else None, "vocab_size": vocab,
+               "outer_batch_tokens": preset["micro_batches"] * preset["batch_size"] * preset["seq_len"],
+               "budget_steps": preset["budget"][preset["micro_batches"]], "target_loss": target,
+               "target_rule": "best baseline's final val loss" if args.target_loss is None else "given",
+               "warm_up": preset["init"], "seeds": args.seeds, "runs": runs, "bench": {}, "cuda_tests": None}
+    print("\n" + table(results))
+    save_results(args.results, results)
+    plot_losses(plots + ".png", best_runs, results["target_loss"],
+                f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step, {results['device']}")
+    for name in preset["bench"]:
+        results["bench"][name] = bench_ratios(args, name)
+        save_results(args.results, results)
+    if preset["cuda_tests"]:
+        results["cuda_tests"] = cuda_tests()
+        save_results(args.results, results)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -925,13 +951,7 @@ def main(argv=None):
             plot_robust(plots + ".png", results)
             return results
         if "bench" in preset:
-            results, best_runs = gpu_quick(args)
-            results = {**made_by, **results}
-            print("\n" + table(results))
-            save_results(args.results, results)
-            plot_losses(plots + ".png", best_runs, results["target_loss"],
-                        f"{preset['model']}, {results['outer_batch_tokens']} tokens per outer step, {results['device']}")
-            return results
+            return gpu_quick(args, made_by, plots)
         if args.batch_sweep:
             results, best_runs = batch_sweep(args, args.target_loss)
             results = {**made_by, **results}

@@ -181,6 +181,21 @@ def test_a_run_rejected_by_train_py_stops_the_comparison_with_exit_2(tmp_path):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_a_run_that_crashes_is_not_kept_as_finished(tmp_path, monkeypatch):
+    """An exception inside train.py (here a simulated out-of-memory) is not a diverged run (exit 1), which
+    a rerun would reuse: the comparison stops, and the next launch runs it again."""
+    args = compare.parse_args(["--preset", "smoke", "--out", str(tmp_path)])
+    run_dir = str(tmp_path / "run")
+    argv = compare.train_argv(args, run_dir, "adamw", 3e-3, 1, seed=0)
+    monkeypatch.setattr(compare, "CHILD", compare.CHILD.replace("train.main(argv)", "raise MemoryError('simulated')"))
+    with pytest.raises(RuntimeError, match="crashed"):
+        compare.launch(args, run_dir, argv)
+    assert not os.path.exists(os.path.join(run_dir, "finished.json"))
+    assert "MemoryError: simulated" in open(os.path.join(run_dir, "train.log")).read()
+    monkeypatch.undo()
+    assert compare.launch(args, run_dir, argv) == 0 and os.path.exists(os.path.join(run_dir, "finished.json"))
+
+
 def test_smoke_preset_writes_results_measured_against_the_best_baseline(tmp_path, capsys):
     out = tmp_path / "out"
     results = compare.main(["--preset", "smoke", "--out", str(out)])
@@ -308,10 +323,14 @@ def test_gpu_quick_is_the_paper_architecture_past_muons_critical_batch_at_train_
         assert (parsed.model, parsed.matmul_precision, parsed.steps) == ("paper45m", "high", 20)
 
 
-def test_gpu_quick_smoke_runs_the_gpu_race_on_the_cpu(tmp_path):
+def test_gpu_quick_smoke_runs_the_gpu_race_on_the_cpu(tmp_path, monkeypatch):
     out = tmp_path / "out"
+    # A bench that fails (here: a preset bench.py does not know) is recorded and does not cost the race.
+    monkeypatch.setitem(compare.PRESETS["gpu-quick-smoke"], "bench", ["smoke", "unknown"])
     results = compare.main(["--preset", "gpu-quick", "--smoke", "--device", "cpu", "--out", str(out)])
+    assert "invalid choice: 'unknown'" in results["bench"].pop("unknown")["error"]
     saved = json.loads((out / "gpu_quick.json").read_text())
+    saved["bench"].pop("unknown")
     assert saved == json.loads(json.dumps(results))
     assert {"command", "commit", "date", "device", "torch", "runs", "bench", "parameters"} <= set(saved)
     assert results["device"].startswith("cpu") and results["torch"] == torch.__version__

@@ -333,6 +333,20 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(opt, tmp_path):
     assert resumed == whole
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("opt", ["muon", "gn"])
+def test_cuda_run_starts_from_a_cpu_checkpoint_and_resumes_its_own(opt, tmp_path):
+    """compare.py's GPU race starts every run from the warm-up's checkpoint: its sampler state must load
+    into a CUDA run, as must the run's own checkpoint on --resume."""
+    assert run_train("--opt", "adamw", *SMALL_RUN, "--device", "cpu", "--out", str(tmp_path / "warm")).returncode == 0
+    run = ["--opt", opt, *SMALL_RUN, "--device", "cuda", "--out", str(tmp_path / "run")]
+    result = run_train(*run, "--init-from", str(tmp_path / "warm" / "ckpt.pt"), "--stop-at-step", "2")
+    assert result.returncode == 0, result.stderr
+    result = run_train(*run, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_parameters_are_unchanged_by_a_non_finite_step():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, mlp_hidden=12))

@@ -334,13 +334,17 @@ RUN_DEFINING = ("opt", "model", "data", "batch_size", "micro_batches", "seq_len"
                 "keep_iterate", "ema", "first_order_steps", "adaptive_reach")
 
 
-def read_checkpoint(path, model, args, device):
+def read_checkpoint(path, model, args):
     """The contents of train.py's checkpoint at path, whose weights must fit model.
-    A missing, unreadable or mismatched file ends the run with one line."""
+    A missing, unreadable or mismatched file ends the run with one line.
+
+    It is read onto the CPU whatever the run's device: every load_state_dict
+    copies its tensors to where the parameters live, and the batch sampler's
+    generator state must stay a CPU tensor (set_state refuses a CUDA one)."""
     if not os.path.isfile(path):
         fail(f"{path}: no checkpoint there")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         shapes = {k: v.shape for k, v in ckpt["model"].items()}
         saved = ckpt["args"]
     except Exception as e:  # a truncated or foreign file: say so in one line
@@ -358,9 +362,9 @@ def embedding_with_first_block(model):
     return [blocks[0] + blocks[1]] + blocks[2:]
 
 
-def load_checkpoint(path, model, args, device):
+def load_checkpoint(path, model, args):
     """The checkpoint to resume from, written with the same run-defining options."""
-    ckpt = read_checkpoint(path, model, args, device)
+    ckpt = read_checkpoint(path, model, args)
     saved = ckpt["args"]
     for key in RUN_DEFINING:
         if key in saved and saved[key] != getattr(args, key):  # a key absent from an older checkpoint had its default
@@ -410,7 +414,7 @@ def main(argv=None):
     val_batches = eval_batches(data.val, args.eval_batches, args.batch_size, args.seq_len, seed=args.seed + 1,
                                device=device)
     if args.init_from:  # before the EMA and the optimizer copy the weights
-        ckpt = read_checkpoint(args.init_from, model, args, device)
+        ckpt = read_checkpoint(args.init_from, model, args)
         model.load_state_dict(ckpt["model"])
         train_batches.load_state_dict(ckpt["batches"])
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
@@ -448,7 +452,7 @@ def main(argv=None):
     if args.resume:
         if not args.out:
             fail("--resume needs --out DIR, the directory holding ckpt.pt")
-        ckpt = load_checkpoint(ckpt_path, model, args, device)
+        ckpt = load_checkpoint(ckpt_path, model, args)
         args.init_from = ckpt["args"].get("init_from")  # config.json keeps where the run started
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
@@ -457,7 +461,7 @@ def main(argv=None):
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         train_batches.load_state_dict(ckpt["batches"])
-        torch.set_rng_state(ckpt["rng"].cpu())
+        torch.set_rng_state(ckpt["rng"])
         progress = ckpt["progress"]
 
     def save_checkpoint():
