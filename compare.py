@@ -704,7 +704,8 @@ def steps_to_losses(val_losses, losses):
 
 def plot_robust(path, results):
     """Per batch: steps to target against the target loss (median and range over the seeds) and the
-    reference baseline's median steps over each optimizer's."""
+    reference baseline's median steps over each optimizer's. Solid: the baselines; dashed: GN at its
+    defaults; dotted: GN from other inner lrs; dash-dot: GN with a fixed inner lr."""
     plt = pyplot()
     if plt is None:
         return
@@ -721,7 +722,8 @@ def plot_robust(path, results):
             per_seed = np.array([[np.inf if s is None else s for s in steps_to_losses(r["val_losses"], losses)]
                                  for r in group])
             median = np.median(per_seed, axis=0)
-            style = "-" if opt in FIRST_ORDER else ("--" if defaults[(opt, lr, adaptive)] else ":")
+            style = ("-" if opt in FIRST_ORDER else "--" if defaults[(opt, lr, adaptive)] else
+                     "-." if adaptive is False else ":")
             label = f"{opt} (lr {lr:g}{', fixed' if adaptive is False else ''})"
             line, = axes[0][col].plot(losses, np.where(np.isfinite(median), median, np.nan), style, label=label)
             medians[label] = opt, median, line.get_color(), style
