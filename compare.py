@@ -88,9 +88,13 @@ CPU = dict(
     # The robust-defaults study (--robust): every optimizer at its default lr
     # (the middle of its grid) at these batches and seeds, full GN also at
     # other starting inner lrs, each GN run measured at these targets and at
-    # the reference baseline's median final loss at its batch.
+    # the reference baseline's median final loss at its batch. For reference,
+    # GN with its inner lr fixed (no adaptive reach): at the batch sweep's best
+    # lrs, and full GN at 64 micro-batches' 0.01 divided by the number of inner
+    # steps (0.0025 at 256), the candidate that scales the reach by hand.
     robust=dict(opts=["muon", "gn", "gn_layerwise"], batches=[64, 256], seeds=[0, 1, 2, 3, 4],
-                targets=[2.6, 2.35, 2.2], inner_lrs={"gn": {256: [0.005, 0.02, 0.04]}}),
+                targets=[2.6, 2.35, 2.2], inner_lrs={"gn": {256: [0.005, 0.02, 0.04]}},
+                fixed_inner_lrs={"gn": {64: [0.01], 256: [0.02, 0.0025]}, "gn_layerwise": {64: [0.04], 256: [0.01]}}),
     train_args=[], gn_args=[])
 
 # The paper's 45M and 150M setups (DESIGN.md) with the authors' recipe
@@ -129,7 +133,7 @@ PRESETS = {
                        "gn_layerwise": [0.04], "gn_prox": [0.02], "gn_layerwise_prox": [0.04]},
                   opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"],
                   robust=dict(opts=["adamw", "gn", "gn_layerwise"], batches=[1, 2], seeds=[0, 1], targets=[5.0, 4.0],
-                              inner_lrs={"gn": {2: [0.01]}})),
+                              inner_lrs={"gn": {2: [0.01]}}, fixed_inner_lrs={"gn": {2: [0.02]}})),
 }
 # The paper's comparison shrunk to fit about 8 minutes of one H100 or H200
 # (--preset gpu-quick), fixed before any GPU ran it: the authors' 45M
@@ -152,6 +156,7 @@ GPU_QUICK_SMOKE = dict(GPU_QUICK, model="tiny", batch_size=4, seq_len=32, eval_b
                        batch_sweep=[2], budget={2: 3}, init=dict(GPU_QUICK["init"], steps=3),
                        bench=["smoke"], cuda_tests=False)
 PRESETS.update({"gpu-quick": GPU_QUICK, "gpu-quick-smoke": GPU_QUICK_SMOKE})
+FIXED_REACH = "--no-adaptive-reach"  # train.py's flag for GN's inner lr without the adaptive reach
 RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 4}  # per step, to start long sweeps first
 MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
 
@@ -343,8 +348,8 @@ def best_of(summaries):
 # Running them
 
 
-def train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
-    """train.py's arguments for one run of the comparison."""
+def train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
+    """train.py's arguments for one run of the comparison; extra: more of them, for this run only."""
     preset = PRESETS[args.preset]
     is_gn = opt in GN_VARIANTS
     steps = preset["budget"][micro_batches]
@@ -352,7 +357,8 @@ def train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, st
             "--seq-len", str(preset["seq_len"]), "--micro-batches", str(micro_batches), "--steps", str(steps),
             "--eval-every", "1", "--eval-batches", str(preset["eval_batches"]), "--seed", str(seed),
             "--device", args.device, "--sample-tokens", "0", "--ckpt-every", str(steps + 1), "--out", run_dir,
-            "--inner-lr" if is_gn else "--lr", str(lr), *preset["train_args"], *(preset["gn_args"] if is_gn else [])]
+            "--inner-lr" if is_gn else "--lr", str(lr), *preset["train_args"], *(preset["gn_args"] if is_gn else []),
+            *extra]
     if args.data is not None:
         argv += ["--data", args.data]
     if target_loss is not None:
@@ -413,9 +419,9 @@ def launch(args, run_dir, argv):
     return code
 
 
-def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
     """One run of the comparison (see launch); returns its metrics and memory."""
-    code = launch(args, run_dir, train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss, stop_at))
+    code = launch(args, run_dir, train_argv(args, run_dir, opt, lr, micro_batches, seed, target_loss, stop_at, extra))
     memory = {}
     if os.path.exists(os.path.join(run_dir, "memory.json")):
         with open(os.path.join(run_dir, "memory.json")) as f:
@@ -425,16 +431,18 @@ def train_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, sto
     reached = first_reaching(records, target_loss) if target_loss is not None else None
     print(f"done   {os.path.basename(run_dir)}: "
           + (f"target at step {reached['step']}" if reached else f"final loss {final_val_loss(records)}"), flush=True)
-    return {"opt": opt, "lr": lr, "seed": seed, "micro_batches": micro_batches, "records": records, "run_dir": run_dir,
+    return {"opt": opt, "lr": lr, "seed": seed, "micro_batches": micro_batches, "extra": list(extra),
+            "records": records, "run_dir": run_dir,
             "tokens_per_step": micro_batches * preset["batch_size"] * preset["seq_len"],
             "exit_code": code, "peak_memory_bytes": memory.get("peak_memory_bytes"), "memory_kind": memory.get("kind")}
 
 
-def run_dir_of(args, opt, micro_batches, lr, seed):
-    return os.path.join(args.out, "runs", f"{opt}-mb{micro_batches}-lr{lr:g}" + (f"-seed{seed}" if seed else ""))
+def run_dir_of(args, opt, micro_batches, lr, seed, extra=()):
+    return os.path.join(args.out, "runs", f"{opt}-mb{micro_batches}-lr{lr:g}" + (f"-seed{seed}" if seed else "")
+                        + "".join("-" + a.lstrip("-") for a in extra))
 
 
-def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None):
+def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None, extra=()):
     """opt's learning-rate grid at this outer batch, the middle lr first; returns every run.
 
     Once a run has reached the target, later lrs stop at that step: they can no
@@ -451,8 +459,8 @@ def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None):
         lr = order.pop(0)
         best = best_of([summarize(r, target_loss) for r in runs]) if runs else None
         stop_at = best["steps_to_target"] if best else None
-        runs.append(train_run(args, run_dir_of(args, opt, micro_batches, lr, seed), opt, lr, micro_batches, seed,
-                              target_loss, stop_at))
+        runs.append(train_run(args, run_dir_of(args, opt, micro_batches, lr, seed, extra), opt, lr, micro_batches,
+                              seed, target_loss, stop_at, extra))
         if not order and len(grid) > 1 and extensions < MAX_GRID_EXTENSIONS:
             summaries = [summarize(r, target_loss) for r in runs]
             fewest = best_of(summaries)["steps_to_target"]
@@ -466,9 +474,10 @@ def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None):
 
 
 def run_all(args, jobs):
-    """Run the (opt, micro_batches, seed, target[, grid]) sweeps of jobs, args.jobs at a time, longest first."""
+    """Run the (opt, micro_batches, seed, target[, grid[, extra train.py args]]) sweeps of jobs, args.jobs at a
+    time, longest first."""
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {job: pool.submit(sweep, args, *job[:2], job[3], job[2], job[4] if len(job) > 4 else None)
+        futures = {job: pool.submit(sweep, args, *job[:2], job[3], job[2], *job[4:])
                    for job in sorted(jobs, key=lambda j: -j[1] * RELATIVE_COST.get(j[0], 1))}
         try:
             return {job: future.result() for job, future in futures.items()}
@@ -623,8 +632,10 @@ def max_consecutive_rejections(records):
 def robust_record(run, targets):
     """One run of the study: its steps to each target (keys with two decimals) and its longest rejection run."""
     reached = {f"{t:.2f}": (first_reaching(run["records"], t) or {}).get("step") for t in targets}
+    is_gn = run["opt"] in GN_VARIANTS
     return {"opt": run["opt"], "micro_batches": run["micro_batches"], "seed": run["seed"],
-            ("inner_lr" if run["opt"] in GN_VARIANTS else "lr"): run["lr"], "steps_to_target": reached,
+            ("inner_lr" if is_gn else "lr"): run["lr"],
+            **({"adaptive_reach": FIXED_REACH not in run["extra"]} if is_gn else {}), "steps_to_target": reached,
             "max_consecutive_rejections": max_consecutive_rejections(run["records"]),
             "final_val_loss": final_val_loss(run["records"]), "steps_run": len(run["records"]),
             "val_losses": [r.get("val_loss") for r in run["records"]],
@@ -634,17 +645,19 @@ def robust_record(run, targets):
 
 
 def robust_groups(runs):
-    """Runs grouped by (opt, micro_batches, lr) in the order they first appear."""
+    """Runs grouped by (opt, micro_batches, lr, adaptive reach: None for a baseline) in the order they first appear."""
     groups = {}
     for r in runs:
-        groups.setdefault((r["opt"], r["micro_batches"], r.get("inner_lr", r.get("lr"))), []).append(r)
+        key = (r["opt"], r["micro_batches"], r.get("inner_lr", r.get("lr")), r.get("adaptive_reach"))
+        groups.setdefault(key, []).append(r)
     return groups
 
 
 def robust_study(args):
     """The baselines at every batch and seed of the preset's study over the whole budget, then GN at its
     defaults (and full GN at the study's other inner lrs), each GN run stopping at the lowest target:
-    the study's targets and the first baseline's median final loss at that batch, to two decimals."""
+    the study's targets and the first baseline's median final loss at that batch, to two decimals. Then,
+    for reference, GN at the study's fixed inner lrs (--no-adaptive-reach)."""
     study = PRESETS[args.preset]["robust"]
     baselines = [o for o in args.opts if o in FIRST_ORDER]
     gn_opts = [o for o in args.opts if o in GN_VARIANTS]
@@ -660,12 +673,14 @@ def robust_study(args):
     jobs = [(o, m, s, min(targets[m]), (lr,)) for o in gn_opts for m in study["batches"] for s in args.seeds
             for lr in [default_lr(args, o), *study["inner_lrs"].get(o, {}).get(m, [])]]
     second = run_all(args, jobs)
-    runs = [robust_record(rs[0], targets[job[1]]) for job, rs in [*first.items(), *second.items()]]
+    third = run_all(args, [(o, m, s, min(targets[m]), (lr,), (FIXED_REACH,)) for o in gn_opts for m in study["batches"]
+                           for s in args.seeds for lr in study.get("fixed_inner_lrs", {}).get(o, {}).get(m, [])])
+    runs = [robust_record(rs[0], targets[job[1]]) for job, rs in [*first.items(), *second.items(), *third.items()]]
     summary = []
-    for (opt, m, lr), group in robust_groups(runs).items():
+    for (opt, m, lr, adaptive), group in robust_groups(runs).items():
         steps = {t: median_and_range([r["steps_to_target"][t] for r in group]) for t in group[0]["steps_to_target"]}
-        summary.append({"opt": opt, "micro_batches": m, "lr": lr, "default": lr == default_lr(args, opt),
-                        "steps_to_target": steps,
+        summary.append({"opt": opt, "micro_batches": m, "lr": lr, "adaptive_reach": adaptive,
+                        "default": lr == default_lr(args, opt) and adaptive is not False, "steps_to_target": steps,
                         "max_consecutive_rejections": max(r["max_consecutive_rejections"] for r in group)})
     return {"preset": args.preset, "seeds": args.seeds, "budget_steps": {str(m): PRESETS[args.preset]["budget"][m]
                                                                           for m in study["batches"]},
@@ -686,7 +701,8 @@ def robust_table(results):
              "|---|---|---|" + "---|" * (len(keys) + 1)]
     for s in results["summary"]:
         cells = [cell(s["steps_to_target"].get(t)) for t in keys]
-        lines.append(f"| {s['opt']} | {s['micro_batches']} | {s['lr']:g}{'' if s['default'] else ' (not default)'} | "
+        lr = f"{s['lr']:g}" + (" fixed" if s.get("adaptive_reach") is False else "")
+        lines.append(f"| {s['opt']} | {s['micro_batches']} | {lr}{'' if s['default'] else ' (not default)'} | "
                      + " | ".join(cells) + f" | {s['max_consecutive_rejections']} |")
     return "\n".join(lines)
 
@@ -699,7 +715,8 @@ def steps_to_losses(val_losses, losses):
 
 def plot_robust(path, results):
     """Per batch: steps to target against the target loss (median and range over the seeds) and the
-    reference baseline's median steps over each optimizer's."""
+    reference baseline's median steps over each optimizer's. Solid: the baselines; dashed: GN at its
+    defaults; dotted: GN from other inner lrs; dash-dot: GN with a fixed inner lr."""
     plt = pyplot()
     if plt is None:
         return
@@ -709,24 +726,27 @@ def plot_robust(path, results):
     losses = np.linspace(lowest, max(max(t) for t in results["targets"].values()) + 0.3, 40)
     for col, m in enumerate(batches):
         groups = {k: g for k, g in robust_groups(results["runs"]).items() if k[1] == m}
-        medians, defaults = {}, {(s["opt"], s["lr"]): s["default"] for s in results["summary"] if s["micro_batches"] == m}
-        for (opt, _, lr), group in groups.items():
+        medians = {}
+        defaults = {(s["opt"], s["lr"], s.get("adaptive_reach")): s["default"]
+                    for s in results["summary"] if s["micro_batches"] == m}
+        for (opt, _, lr, adaptive), group in groups.items():
             per_seed = np.array([[np.inf if s is None else s for s in steps_to_losses(r["val_losses"], losses)]
                                  for r in group])
             median = np.median(per_seed, axis=0)
-            style = "-" if opt in FIRST_ORDER else ("--" if defaults[(opt, lr)] else ":")
-            line, = axes[0][col].plot(losses, np.where(np.isfinite(median), median, np.nan), style,
-                                      label=f"{opt} (lr {lr:g})")
-            medians[(opt, lr)] = median, line.get_color(), style
+            style = ("-" if opt in FIRST_ORDER else "--" if defaults[(opt, lr, adaptive)] else
+                     "-." if adaptive is False else ":")
+            label = f"{opt} (lr {lr:g}{', fixed' if adaptive is False else ''})"
+            line, = axes[0][col].plot(losses, np.where(np.isfinite(median), median, np.nan), style, label=label)
+            medians[label] = opt, median, line.get_color(), style
             low, high = per_seed.min(axis=0), per_seed.max(axis=0)
             axes[0][col].fill_between(losses, np.where(np.isfinite(low), low, np.nan),
                                       np.where(np.isfinite(high), high, np.nan), color=line.get_color(), alpha=0.12)
-        reference = next((v[0] for (opt, _), v in medians.items() if opt == results["reference"]), None)
-        for (opt, lr), (median, color, style) in medians.items():
+        reference = next((v[1] for v in medians.values() if v[0] == results["reference"]), None)
+        for label, (opt, median, color, style) in medians.items():
             if reference is not None and opt != results["reference"]:
                 with np.errstate(invalid="ignore"):
                     ratio = np.where(np.isfinite(reference) & np.isfinite(median), reference / median, np.nan)
-                axes[1][col].plot(losses, ratio, style, color=color, label=f"{opt} (lr {lr:g})")
+                axes[1][col].plot(losses, ratio, style, color=color, label=label)
         tokens = m * PRESETS[results["preset"]]["batch_size"] * PRESETS[results["preset"]]["seq_len"]
         axes[0][col].set(title=f"{m} micro-batches ({tokens // 1024}K tokens per step)", ylabel="steps to target",
                          yscale="log")

@@ -284,9 +284,11 @@ def test_robust_study_measures_every_run_at_the_studys_targets_and_the_baselines
     assert {"command", "commit", "date", "runs"} <= set(saved)
     study = compare.PRESETS["smoke"]["robust"]
     assert results["seeds"] == study["seeds"]
-    expected = {("adamw", m, s, 3e-3) for m in (1, 2) for s in (0, 1)}
-    expected |= {("gn", m, s, 0.02) for m in (1, 2) for s in (0, 1)} | {("gn", 2, s, 0.01) for s in (0, 1)}
-    assert {(r["opt"], r["micro_batches"], r["seed"], r.get("inner_lr", r.get("lr"))) for r in results["runs"]} == expected
+    expected = {("adamw", m, s, 3e-3, None) for m in (1, 2) for s in (0, 1)}
+    expected |= {("gn", m, s, 0.02, True) for m in (1, 2) for s in (0, 1)} | {("gn", 2, s, 0.01, True) for s in (0, 1)}
+    expected |= {("gn", 2, s, 0.02, False) for s in (0, 1)}  # the reference with a fixed inner lr
+    assert {(r["opt"], r["micro_batches"], r["seed"], r.get("inner_lr", r.get("lr")), r.get("adaptive_reach"))
+            for r in results["runs"]} == expected
     for m in (1, 2):
         finals = sorted(r["final_val_loss"] for r in results["runs"] if r["opt"] == "adamw" and r["micro_batches"] == m)
         assert results["reference_median_final_loss"][str(m)] == round(sum(finals) / 2, 2)
@@ -295,8 +297,11 @@ def test_robust_study_measures_every_run_at_the_studys_targets_and_the_baselines
         if r["opt"] == "adamw":  # the baselines run their whole budget: their final loss sets a target
             assert r["steps_run"] == compare.PRESETS["smoke"]["budget"][r["micro_batches"]]
         lr = r.get("inner_lr", r.get("lr"))
-        records = compare.read_metrics(out / "runs" / (f"{r['opt']}-mb{r['micro_batches']}-lr{lr:g}"
-                                                       + (f"-seed{r['seed']}" if r["seed"] else "")))
+        run_dir = out / "runs" / (f"{r['opt']}-mb{r['micro_batches']}-lr{lr:g}" + (f"-seed{r['seed']}" if r["seed"] else "")
+                                  + ("-no-adaptive-reach" if r.get("adaptive_reach") is False else ""))
+        records = compare.read_metrics(run_dir)
+        if r["opt"] == "gn":  # the reach the run used: train.py records the option it resolved
+            assert json.loads((run_dir / "config.json").read_text())["adaptive_reach"] == r["adaptive_reach"]
         targets = results["targets"][str(r["micro_batches"])]
         assert set(r["steps_to_target"]) == {f"{t:.2f}" for t in targets}
         for t in targets:
@@ -305,6 +310,8 @@ def test_robust_study_measures_every_run_at_the_studys_targets_and_the_baselines
         assert r["max_consecutive_rejections"] == compare.max_consecutive_rejections(records)
         if r["opt"] == "gn" and r["steps_to_target"][f"{min(targets):.2f}"] is not None:
             assert r["steps_run"] == r["steps_to_target"][f"{min(targets):.2f}"]  # GN stops at the lowest target
+    assert {(s["lr"], s["adaptive_reach"], s["default"]) for s in results["summary"] if s["opt"] == "gn"} == {
+        (0.02, True, True), (0.01, True, False), (0.02, False, False)}
     assert "most rejections in a row" in capsys.readouterr().out
 
 
