@@ -103,7 +103,7 @@ def test_sweep_stops_later_lrs_at_the_best_step_and_extends_a_grid_at_its_edge(t
     [0.01, 0.02, 0.04] runs 0.02 first, then 0.01 and 0.04; 0.04 wins at the edge, so 0.08 runs too."""
     calls = []
 
-    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
         calls.append((lr, stop_at))
         reach = {0.04: 5}.get(lr, 8)
         steps = min(stop_at or 40, reach)
@@ -121,7 +121,7 @@ def test_sweep_extends_a_grid_whose_edge_ties_the_fewest_steps(tmp_path, monkeyp
     An edge lr that takes more steps than the best does not extend the grid."""
     calls = []
 
-    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None):
+    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
         calls.append(lr)
         reach, final = {0.02: (8, 2.0), 0.04: (8, 2.4)}.get(lr, (20, 2.0))
         steps = min(stop_at or 40, reach)
