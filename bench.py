@@ -315,7 +315,7 @@ def main(argv=None):
         "naive_layerwise_inner_s": times["naive"], "n_blocks": n_blocks,
         "train_step_peak_mb": memory["train"], "gn_inner_peak_mb": memory["gn"],
         "layerwise_inner_peak_mb": memory["layerwise"], "naive_layerwise_inner_peak_mb": memory["naive"],
-        "pruned_layerwise_inner_s": times["pruned"],
+        "pruned_layerwise_inner_s": times["pruned"], "pruned_layerwise_inner_peak_mb": memory["pruned"],
         "preset": args.preset, "device": args.device, "dtype": args.dtype, "matmul_precision": args.matmul_precision,
     }
     if args.json:
