@@ -37,7 +37,9 @@ any sweep: Muon, full and layerwise GN at their default lrs at 64 and 256
 micro-batches on seeds 0-4, full GN at 256 also at inner lrs 0.005, 0.02 and
 0.04. The baselines run their whole budget, and their median final loss at a
 batch joins the study's targets (2.6, 2.35, 2.2); each GN run stops at the
-lowest. Every run records its steps to each target and its longest run of
+lowest. For reference, GN also runs with its inner lr fixed (no adaptive
+reach) at the tuned lrs and at one scaled by the number of inner steps.
+Every run records its steps to each target and its longest run of
 rejected steps (robust_defaults.json, robust_defaults.png).
 
 Every run is `train.py` in its own process (--jobs at a time, each with its
