@@ -97,6 +97,13 @@ CPU = dict(
     robust=dict(opts=["muon", "gn", "gn_layerwise"], batches=[64, 256], seeds=[0, 1, 2, 3, 4],
                 targets=[2.6, 2.35, 2.2], inner_lrs={"gn": {256: [0.005, 0.02, 0.04]}},
                 fixed_inner_lrs={"gn": {64: [0.01], 256: [0.02, 0.0025]}, "gn_layerwise": {64: [0.04], 256: [0.01]}}),
+    # The model-size ladder (--model-sizes): at each model, the baseline's lr
+    # grid (this preset's) swept on the first seed at each batch, the other
+    # seeds at each batch's best lr, then GN at its defaults on every seed at
+    # the largest batch, to the study's targets and the baseline's median
+    # final loss there. One step budget at every batch.
+    model_sizes=dict(models=["tiny", "mini", "small"], baseline="muon", gn_opts=["gn", "gn_layerwise"],
+                     batches=[16, 64], budget=40, seeds=[0, 1, 2], targets=[2.35]),
     train_args=[], gn_args=[])
 
 # The paper's 45M and 150M setups (DESIGN.md) with the authors' recipe
@@ -135,7 +142,9 @@ PRESETS = {
                        "gn_layerwise": [0.04], "gn_prox": [0.02], "gn_layerwise_prox": [0.04]},
                   opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"],
                   robust=dict(opts=["adamw", "gn", "gn_layerwise"], batches=[1, 2], seeds=[0, 1], targets=[5.0, 4.0],
-                              inner_lrs={"gn": {2: [0.01]}}, fixed_inner_lrs={"gn": {2: [0.02]}})),
+                              inner_lrs={"gn": {2: [0.01]}}, fixed_inner_lrs={"gn": {2: [0.02]}}),
+                  model_sizes=dict(models=["tiny", "mini"], baseline="muon", gn_opts=["gn", "gn_layerwise"],
+                                   batches=[1, 2], budget=3, seeds=[0, 1], targets=[5.0])),
 }
 # The paper's comparison shrunk to fit about 8 minutes of one H100 or H200
 # (--preset gpu-quick), fixed before any GPU ran it: the authors' 45M
@@ -233,6 +242,9 @@ def parse_args(argv=None):
     p.add_argument("--robust", action="store_true",
                    help="the robust-defaults study: Muon, full and layerwise GN at their defaults at two batches on "
                         "five seeds, full GN also at other starting inner lrs (--seeds: other seeds)")
+    p.add_argument("--model-sizes", action="store_true",
+                   help="the model-size ladder: Muon (lr swept) at two batches, full and layerwise GN at their defaults "
+                        "at the larger, on three seeds, at each of the preset's models")
     p.add_argument("--smoke", action="store_true",
                    help="with --preset gpu-quick: the same code path at tiny sizes on the CPU, in under a minute")
     p.add_argument("--jobs", type=int, default=None,
@@ -251,16 +263,19 @@ def parse_args(argv=None):
         if args.preset != "gpu-quick":
             p.error("--smoke shrinks --preset gpu-quick: give --preset gpu-quick")
         args.preset = "gpu-quick-smoke"
-    if args.robust and (args.quick or args.batch_sweep):
-        p.error("--robust is its own study: not with --quick or --batch-sweep")
+    if sum((args.quick, args.batch_sweep, args.robust, args.model_sizes)) > 1:
+        p.error("--quick, --batch-sweep, --robust and --model-sizes are studies of their own: give one")
     preset = PRESETS[args.preset]
-    if args.robust and "robust" not in preset:
-        p.error(f"--robust: preset {args.preset} defines no robust-defaults study")
+    for flag in ("robust", "model_sizes"):
+        if getattr(args, flag) and flag not in preset:
+            p.error(f"--{flag.replace('_', '-')}: preset {args.preset} defines no such study")
     if args.opts:
         args.opts = args.opts.split(",")
     else:
         args.opts = (preset["sweep_opts"] if args.batch_sweep else
-                     preset["robust"]["opts"] if args.robust else preset["opts"])
+                     preset["robust"]["opts"] if args.robust else
+                     [preset["model_sizes"]["baseline"], *preset["model_sizes"]["gn_opts"]] if args.model_sizes else
+                     preset["opts"])
     for name in args.opts:
         if name not in FIRST_ORDER and name not in GN_VARIANTS:
             p.error(f"--opts: unknown optimizer {name!r}")
@@ -270,14 +285,14 @@ def parse_args(argv=None):
         p.error("without a baseline in --opts there is no default target: give --target-loss")
     if args.batch_sweep and args.target_loss is None:
         p.error(f"--batch-sweep needs a fixed target: give --target-loss (preset {args.preset} has none)")
-    if args.robust:
-        args.seeds = args.seeds or ",".join(map(str, preset["robust"]["seeds"]))
+    if args.robust or args.model_sizes:
+        args.seeds = args.seeds or ",".join(map(str, preset["robust" if args.robust else "model_sizes"]["seeds"]))
     if args.seeds is not None:
         try:
             args.seeds = sorted({int(seed) for seed in args.seeds.split(",")})
         except ValueError:
             p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-        if not args.robust and (args.batch_sweep or args.target_loss is None):
+        if not (args.robust or args.model_sizes) and (args.batch_sweep or args.target_loss is None):
             p.error("--seeds needs a fixed target and is not for --batch-sweep")
         args.seed = args.seeds[0]
     else:
@@ -295,6 +310,7 @@ def parse_args(argv=None):
     if args.results is None:
         args.results = os.path.join(args.out, "batch.json" if args.batch_sweep else
                                     "robust_defaults.json" if args.robust else
+                                    "model_sizes.json" if args.model_sizes else
                                     "gpu_quick.json" if "bench" in preset else "results.json")
     args.init_from = None  # the warm-up's checkpoint, once main has run it
     return args
@@ -451,7 +467,8 @@ def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None, extra=())
     longer win. An lr at an edge of the grid that reached the target in the
     fewest steps (alone or tied: either way the grid has not bracketed the
     best lr) extends it (MAX_GRID_EXTENSIONS): the extension is there to find
-    the fewest steps.
+    the fewest steps. Where no lr reaches the target (or there is none), the
+    lowest final loss at an edge extends it the same way.
     """
     seed = args.seed if seed is None else seed
     grid = list(grid or PRESETS[args.preset]["lrs"][opt])
@@ -465,9 +482,13 @@ def sweep(args, opt, micro_batches, target_loss, seed=None, grid=None, extra=())
                               seed, target_loss, stop_at, extra))
         if not order and len(grid) > 1 and extensions < MAX_GRID_EXTENSIONS:
             summaries = [summarize(r, target_loss) for r in runs]
-            fewest = best_of(summaries)["steps_to_target"]
-            at_edge = [s for s in summaries if s["lr"] in (min(grid), max(grid)) and s["steps_to_target"] == fewest]
-            if fewest is not None and at_edge:
+            best = best_of(summaries)
+            edges = (min(grid), max(grid))
+            if best["steps_to_target"] is not None:
+                at_edge = [s for s in summaries if s["lr"] in edges and s["steps_to_target"] == best["steps_to_target"]]
+            else:
+                at_edge = [best] if best["lr"] in edges and best["final_val_loss"] is not None else []
+            if at_edge:
                 edge_lr = best_of(at_edge)["lr"]
                 order.append(edge_lr / 2 if edge_lr == min(grid) else edge_lr * 2)
                 grid.append(order[-1])
@@ -763,6 +784,166 @@ def plot_robust(path, results):
 
 
 # ---------------------------------------------------------------------------
+# The model-size ladder
+
+
+def size_record(run, model, parameters, targets, measured):
+    """One run of the ladder: steps and seconds to each target (keys with two decimals); measured is False for
+    an lr of the baseline's sweep other than the best."""
+    reached = {f"{t:.2f}": first_reaching(run["records"], t) or {} for t in targets}
+    return {"opt": run["opt"], "preset": model, "parameters": parameters, "micro_batches": run["micro_batches"],
+            "lr": run["lr"], "seed": run["seed"], "measured": measured,
+            "steps_to_target": {t: r.get("step") for t, r in reached.items()},
+            "seconds_to_target": {t: round(r["time_s"], 2) if r else None for t, r in reached.items()},
+            "final_val_loss": final_val_loss(run["records"]), "steps_run": len(run["records"]),
+            "max_consecutive_rejections": max_consecutive_rejections(run["records"]), "exit_code": run["exit_code"]}
+
+
+def step_ratios(baseline, gn):
+    """The baseline's median over GN's median, with the range GN's seeds give: median / max to median / min."""
+    if baseline["median"] is None or gn["median"] is None:
+        return {"median": None, "min": None, "max": None}
+    return {"median": baseline["median"] / gn["median"],
+            "min": baseline["median"] / gn["max"] if gn["max"] is not None else None,
+            "max": baseline["median"] / gn["min"]}
+
+
+def model_size_rung(args, model, study):
+    """One model of the ladder, its runs in args.out/MODEL: the baseline's lr swept on the first seed at each
+    batch, its other seeds at each batch's best lr, then GN at its defaults on every seed at the largest batch,
+    stopping at the lower target. Returns (rung summary, run records)."""
+    base = args.preset
+    args.preset, args.out = f"{base}:{model}", os.path.join(args.out, model)
+    PRESETS[args.preset] = dict(PRESETS[base], model=model, budget={m: study["budget"] for m in study["batches"]})
+    try:
+        opt, largest, first = study["baseline"], max(study["batches"]), args.seeds[0]
+        sweeps = run_all(args, [(opt, m, first, None) for m in study["batches"]])
+        best_lr, baseline_runs = {}, {}
+        for m in study["batches"]:
+            swept = sweeps[(opt, m, first, None)]
+            best_lr[m] = best_of([summarize(r, None) for r in swept])["lr"]
+            baseline_runs[m] = [next(r for r in swept if r["lr"] == best_lr[m])]
+        others = run_all(args, [(opt, m, s, None, (best_lr[m],)) for m in study["batches"] for s in args.seeds[1:]])
+        for (_, m, _, _, _), rs in others.items():
+            baseline_runs[m].append(rs[0])
+        finals = [final_val_loss(r["records"]) for r in baseline_runs[largest]]
+        if None in finals:
+            raise RuntimeError(f"{model}: a {opt} run at {largest} micro-batches diverged: no target to measure against")
+        reference = math.ceil(median_and_range(finals)["median"] * 100) / 100  # up: the median seed reaches it
+        targets = sorted({*study["targets"], reference}, reverse=True)
+        gn_runs = run_all(args, [(o, largest, s, min(targets), (default_lr(args, o),))
+                                 for o in study["gn_opts"] for s in args.seeds])
+    finally:
+        args.preset, args.out = base, os.path.dirname(args.out)
+    some_run = baseline_runs[largest][0]["run_dir"]
+    parameters = json.load(open(os.path.join(some_run, "config.json")))["n_params"]
+    measured = [r for rs in baseline_runs.values() for r in rs] + [rs[0] for rs in gn_runs.values()]
+    swept_only = [r for rs in sweeps.values() for r in rs if all(r is not m for m in measured)]
+    runs = ([size_record(r, model, parameters, targets, True) for r in measured]
+            + [size_record(r, model, parameters, targets, False) for r in swept_only])
+
+    def over(opt_, m, key):
+        group = [r for r in runs if r["measured"] and r["opt"] == opt_ and r["micro_batches"] == m]
+        return {t: median_and_range([r[key][t] for r in group]) for t in group[0][key]}
+
+    rung = {"preset": model, "parameters": parameters, "targets": [f"{t:.2f}" for t in targets],
+            "baseline_median_final_loss": reference,
+            "best_lr": {str(m): best_lr[m] for m in study["batches"]},
+            "best_lr_at_grid_edge": {str(m): best_lr[m] in (min(r["lr"] for r in sweeps[(opt, m, first, None)]),
+                                                            max(r["lr"] for r in sweeps[(opt, m, first, None)]))
+                                     for m in study["batches"]},
+            "baseline_final_loss": {str(m): median_and_range([final_val_loss(r["records"]) for r in baseline_runs[m]])
+                                    for m in study["batches"]},
+            "steps_to_target": {f"{o}@{m}": over(o, m, "steps_to_target") for o, m in
+                                [*((opt, m) for m in study["batches"]), *((o, largest) for o in study["gn_opts"])]},
+            "seconds_to_target": {f"{o}@{largest}": over(o, largest, "seconds_to_target")
+                                  for o in [opt, *study["gn_opts"]]}}
+    rung["ratios"] = {o: {key: {t: step_ratios(rung[key][f"{opt}@{largest}"][t], rung[key][f"{o}@{largest}"][t])
+                                for t in rung["targets"]} for key in ("steps_to_target", "seconds_to_target")}
+                      for o in study["gn_opts"]}
+    return rung, runs
+
+
+def model_size_study(args):
+    """The ladder: model_size_rung at every model of the preset's study, smallest first, so that a rung is
+    finished (and its runs can be kept) before the next starts."""
+    study = PRESETS[args.preset]["model_sizes"]
+    rungs, runs = [], []
+    for model in study["models"]:
+        rung, rung_runs = model_size_rung(args, model, study)
+        rungs.append(rung)
+        runs.extend(rung_runs)
+    tokens = {str(m): m * PRESETS[args.preset]["batch_size"] * PRESETS[args.preset]["seq_len"]
+              for m in study["batches"]}
+    return {"preset": args.preset, "seeds": args.seeds, "baseline": study["baseline"], "budget_steps": study["budget"],
+            "tokens_per_step": tokens, "common_targets": [f"{t:.2f}" for t in study["targets"]],
+            "rungs": rungs, "runs": runs}
+
+
+def model_size_table(results):
+    """Markdown table: per model, the baseline's steps at each batch and GN's, median (range) over the seeds,
+    to the common target and to the baseline's median final loss, with the ratios."""
+    opt, (small, large) = results["baseline"], sorted(map(int, results["tokens_per_step"]))[::len(results["tokens_per_step"]) - 1]
+    fmt = lambda v, d=0: "-" if v is None else f"{v:.{d}f}"
+    cell = lambda e, d=0: f"{fmt(e['median'], d)} [{fmt(e['min'], d)}, {fmt(e['max'], d)}]"
+    gn_opts = [k.split("@")[0] for k in results["rungs"][0]["steps_to_target"] if not k.startswith(opt + "@")]
+    lines = [f"steps to target, median [range] over seeds {results['seeds']}; - is not reached in "
+             f"{results['budget_steps']} steps; ratio: {opt}'s median over GN's, [range] over GN's seeds", "",
+             f"| model | parameters | target | {opt} @{small} | {opt} @{large} | "
+             + " | ".join(f"{o} @{large} | ratio" for o in gn_opts) + " | seconds ratio |",
+             "|---|---|---|---|---|" + "---|---|" * len(gn_opts) + "---|"]
+    for rung in results["rungs"]:
+        for t in rung["targets"]:
+            steps = rung["steps_to_target"]
+            label = t + (f" ({opt}'s final)" if float(t) == rung["baseline_median_final_loss"] else "")
+            row = [rung["preset"], f"{rung['parameters'] / 1e6:.2f}M", label, cell(steps[f"{opt}@{small}"][t]),
+                   cell(steps[f"{opt}@{large}"][t])]
+            for o in gn_opts:
+                row += [cell(steps[f"{o}@{large}"][t]), cell(rung["ratios"][o]["steps_to_target"][t], 2)]
+            row.append(" / ".join(fmt(rung["ratios"][o]["seconds_to_target"][t]["median"], 2) for o in gn_opts))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_model_sizes(path, results):
+    """Top: the baseline's median steps over GN's (range over GN's seeds) against parameters, one panel per
+    target; bottom: the same for seconds."""
+    plt = pyplot()
+    if plt is None:
+        return
+    rungs, opt = results["rungs"], results["baseline"]
+    columns = [(t, f"validation loss {t}") for t in results["common_targets"]] + [(None, f"{opt}'s median final loss")]
+    fig, axes = plt.subplots(2, len(columns), figsize=(5.5 * len(columns), 7), sharex=True, squeeze=False)
+    params = [r["parameters"] for r in rungs]
+    gn_opts = list(rungs[0]["ratios"])
+    for col, (target, title) in enumerate(columns):
+        for row, key in enumerate(("steps_to_target", "seconds_to_target")):
+            ax = axes[row][col]
+            for i, o in enumerate(gn_opts):
+                entries = [r["ratios"][o][key][target or f"{r['baseline_median_final_loss']:.2f}"] for r in rungs]
+                points = [(p, e) for p, e in zip(params, entries) if e["median"] is not None]
+                if not points:
+                    continue
+                x, e = zip(*points)
+                y = np.array([v["median"] for v in e])
+                low = y - np.array([v["min"] if v["min"] is not None else 0 for v in e])
+                high = np.array([v["max"] for v in e]) - y
+                ax.errorbar(np.array(x) * (1.04 if i else 1), y, yerr=[low, high], fmt="o--", capsize=3, label=o)
+            ax.axhline(1, color="gray", linewidth=0.8, linestyle=":")
+            ax.set(xscale="log", ylabel=f"{opt}'s {'steps' if row == 0 else 'seconds'} / GN's")
+            if row == 0:
+                ax.set_title(f"to {title}")
+            else:
+                ax.set_xlabel("parameters")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+# ---------------------------------------------------------------------------
 # The GPU race
 
 
@@ -971,6 +1152,12 @@ def main(argv=None):
             print("\n" + robust_table(results))
             save_results(args.results, results)
             plot_robust(plots + ".png", results)
+            return results
+        if args.model_sizes:
+            results = {**made_by, **model_size_study(args)}
+            print("\n" + model_size_table(results))
+            save_results(args.results, results)
+            plot_model_sizes(plots + ".png", results)
             return results
         if "bench" in preset:
             return gpu_quick(args, made_by, plots)

@@ -76,13 +76,16 @@ class GPTConfig:
 # the embedding, and their run scripts set initializer_range=1.0.
 PAPER_ARCH = dict(mlp="gelu", qkv="separate", qk_norm=True, init="fan_in")
 
-# `tiny` trains in minutes on 2 CPU cores. `45m` and `150m` are our LLaMA-style
-# models at the paper's sizes, with a 32k vocabulary (the exact count depends
+# `tiny` (0.38M parameters) trains in minutes on 2 CPU cores; `mini` (1.3M)
+# and `small` (4.9M) are the rungs above it on the model-size ladder
+# (compare.py --model-sizes). `45m` and `150m` are our LLaMA-style models at
+# the paper's sizes, with a 32k vocabulary (the exact count depends
 # on the data's vocabulary). `paper45m` and `paper150m` are the authors' models
 # exactly (their presets 45M and 150M, vocabulary 32000, rotary tables as long
 # as their max_position_embeddings; they train on 1024-token sequences).
 PRESETS = {
     "tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=96, mlp_hidden=256),
+    "mini": GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=5, n_embd=160, mlp_hidden=432),
     "small": GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256, mlp_hidden=688),
     "45m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=4, n_head=8, n_embd=512, mlp_hidden=1376),
     "150m": GPTConfig(vocab_size=32000, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp_hidden=2560),
