@@ -407,15 +407,38 @@ class Shampoo(_Optimizer):
 # Building them
 
 
-def split_muon_params(named_params):
+def hidden_matrices(model):
+    """The names of the parameters Muon orthogonalizes, by their role in the model: the 2-D weights of
+    its layers.
+
+    Not hidden: the weights of nn.Embedding modules and any parameter tied to
+    one (a head tied to the embedding), and the output layer's weight (of the
+    last module registered with a 2-D weight, the head in nanoGPT, Hugging
+    Face GPT-2 and LLaMA, and model.GPT); nor anything that is not a module's
+    2-D `weight` (gains, biases, a positional table held as a bare parameter).
+    """
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = [m.weight for m in model.modules()
+               if isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.ndim == 2]
+    output = id(weights[-1]) if weights else None
+    return {name_of[id(w)] for w in weights if id(w) in name_of and id(w) not in embeddings and id(w) != output}
+
+
+def split_muon_params(named_params, hidden=None):
     """Split (name, tensor) pairs into (muon_named, adamw_named) lists.
 
-    Muon gets the hidden matrices: 2-D tensors whose name contains neither
-    "embed" nor "head". Everything else (embedding, output head, 1-D gains)
-    goes to AdamW. Works on any tensors (gn.py passes plain leaf tensors)."""
+    Muon gets the hidden matrices: the names in hidden (`hidden_matrices` of
+    the model), or without it 2-D tensors whose name contains neither "embed"
+    nor "head" (model.GPT's names). Everything else (embedding, output head,
+    1-D gains) goes to AdamW. Works on any tensors (gn.py passes plain leaf
+    tensors)."""
     muon_named, adamw_named = [], []
     for name, tensor in named_params:
-        hidden_matrix = tensor.ndim == 2 and "embed" not in name and "head" not in name
+        if hidden is None:
+            hidden_matrix = tensor.ndim == 2 and "embed" not in name and "head" not in name
+        else:
+            hidden_matrix = name in hidden
         (muon_named if hidden_matrix else adamw_named).append((name, tensor))
     return muon_named, adamw_named
 
@@ -443,9 +466,10 @@ def make_optimizer(name, named_params, lr, weight_decay=0.0, betas=None, **kwarg
     """Build optimizer `name` ("adamw", "muon", "soap" or "shampoo") for a list
     of (name, tensor) pairs. betas are Adam's (default: DEFAULT_BETAS[name]).
     Extra keyword arguments go to the optimizer's constructor; "muon" also
-    takes adamw_lr (default MUON_ADAMW_LR_RATIO * lr) for its AdamW groups and
+    takes adamw_lr (default MUON_ADAMW_LR_RATIO * lr) for its AdamW groups,
     muon_weight_decay (default weight_decay) for its hidden matrices (the GN
-    paper's inner Muon decays only the AdamW groups)."""
+    paper's inner Muon decays only the AdamW groups) and hidden, the names of
+    the hidden matrices (`split_muon_params`)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     named_params = list(named_params)
@@ -455,7 +479,7 @@ def make_optimizer(name, named_params, lr, weight_decay=0.0, betas=None, **kwarg
         return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
     adamw_lr = kwargs.pop("adamw_lr", MUON_ADAMW_LR_RATIO * lr)
     muon_weight_decay = kwargs.pop("muon_weight_decay", weight_decay)
-    muon_named, adamw_named = split_muon_params(named_params)
+    muon_named, adamw_named = split_muon_params(named_params, kwargs.pop("hidden", None))
     groups = [dict(params=[t for _, t in muon_named], use_muon=True, weight_decay=muon_weight_decay),
               dict(params=[t for _, t in adamw_named], use_muon=False, lr=adamw_lr)]
     return Muon([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)

@@ -13,6 +13,12 @@ noisy machine slows them alike, the median wall-clock time of:
   pruned     gn.py without cached block inputs: a whole forward per block, but
              forward-mode AD carries only the block's tangent and the backward
              stops at the block (reported, not a target)
+  stock_*    train, gn and layerwise on nanoGPT's GPT of the same depth and
+             width built from stock modules (test_stock_models.NanoGPT: SDPA,
+             LayerNorm, GELU, a tied head), which GN runs with autograd's own
+             tangents and SDPA's math backend: what a user pays for a model
+             without hand-written tangents, each as a ratio to its own
+             training step
 and the peak memory of each (see `peak_memory`). The inner optimizer's own
 update is left out of every GN time, as the optimizer step is left out of
 the training step. The cost model in /work/shared/DESIGN.md puts the floor of
@@ -60,21 +66,23 @@ BENCH_PRESETS = {
     "paper150m": ("paper150m", 8, 1024, 10, None),  # GPU
     "smoke": ("tiny", 2, 32, 1, 1),        # seconds, for the tests: not a measurement
 }
-KINDS = ("train", "gn", "layerwise", "naive", "pruned")
+KINDS = ("train", "gn", "layerwise", "naive", "pruned", "stock_train", "stock_gn", "stock_layerwise")
 OUTER_MICRO_BATCHES = {"tiny": 32, "small": 16, "45m": 32, "150m": 32}
 OUTER_REPEATS = {"tiny": 5, "small": 3, "45m": 5, "150m": 5}
 
 
 def setup(preset, device, dtype, seed=0):
-    """The model, one micro-batch and the function that runs each kind once."""
+    """The models, one micro-batch and the function that runs each kind once."""
+    from test_stock_models import NanoGPT  # the tests' nanoGPT from stock modules
     name, batch, seq, *_ = BENCH_PRESETS[preset]
     torch.manual_seed(seed)
     model = GPT(PRESETS[name]).to(device=device, dtype=dtype)
-    vocab = model.config.vocab_size
-    x = torch.randint(0, vocab, (batch, seq), device=device)
-    y = torch.randint(0, vocab, (batch, seq), device=device)
+    c = model.config
+    stock = NanoGPT(c.vocab_size, seq, c.n_layer, c.n_embd, c.n_head).to(device=device, dtype=dtype)
+    x = torch.randint(0, c.vocab_size, (batch, seq), device=device)
+    y = torch.randint(0, c.vocab_size, (batch, seq), device=device)
 
-    def gn_optimizer(mode, cached=True):
+    def gn_optimizer(mode, cached=True, model=model):
         opt = GaussNewton(model, mode=mode, inner="adamw")
         opt.cached_inputs = opt.cached_inputs and cached
         # An inner iterate away from θ0, as after a few inner steps.
@@ -85,14 +93,14 @@ def setup(preset, device, dtype, seed=0):
 
     full, layerwise, pruned = gn_optimizer("full"), gn_optimizer("layerwise"), gn_optimizer("layerwise", cached=False)
 
-    def train():
+    def train(model=model):
         F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
         # Freed here, not at the next call's start: a peak measured from before a
         # call then counts the gradients, as GN's counts the ∇Q it returns.
         for p in model.parameters():
             p.grad = None
 
-    def gn_inner(opt):
+    def gn_inner(opt, model=model):
         def run():
             # As inside GaussNewton.step: θ0 is a constant during the inner loop.
             for p in model.parameters():
@@ -115,8 +123,10 @@ def setup(preset, device, dtype, seed=0):
             return out
 
     fns = {"train": train, "gn": gn_inner(full), "layerwise": gn_inner(layerwise),
-           "naive": gn_inner(PaperLayerwise()), "pruned": gn_inner(pruned)}
-    return model, fns, len(layerwise.blocks)
+           "naive": gn_inner(PaperLayerwise()), "pruned": gn_inner(pruned), "stock_train": lambda: train(stock),
+           "stock_gn": gn_inner(gn_optimizer("full", model=stock), stock),
+           "stock_layerwise": gn_inner(gn_optimizer("layerwise", model=stock), stock)}
+    return model, stock, fns, len(layerwise.blocks)
 
 
 def outer_steps(preset, device, dtype, k, ls_micro_batches, seed=0):
@@ -278,7 +288,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
         return results
-    _, fns, n_blocks = setup(args.preset, device, getattr(torch, args.dtype))
+    _, stock, fns, n_blocks = setup(args.preset, device, getattr(torch, args.dtype))
 
     if args.memory_of:
         print(peak_memory(fns[args.memory_of], device))
@@ -295,15 +305,20 @@ def main(argv=None):
     print(f"preset {args.preset}: model {name} ({GPT(PRESETS[name]).num_params() / 1e6:.2f}M params), "
           f"micro-batch {batch}x{seq}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
           f"{n_blocks} blocks, median of {repeats}")
-    print(f"{'':10} {'time ms':>9} {'x train':>8} {'peak MB':>9} {'x train':>8}")
+    print(f"stock: nanoGPT from stock modules, {sum(p.numel() for p in stock.parameters()) / 1e6:.2f}M params; "
+          "x train: over its own model's training step")
+    print(f"{'':16} {'time ms':>9} {'x train':>8} {'peak MB':>9} {'x train':>8}")
     for k in KINDS:
-        print(f"{k:10} {1e3 * times[k]:9.1f} {times[k] / times['train']:8.2f} "
-              f"{memory[k]:9.1f} {memory[k] / memory['train']:8.2f}")
+        train_kind = "stock_train" if k.startswith("stock") else "train"
+        print(f"{k:16} {1e3 * times[k]:9.1f} {times[k] / times[train_kind]:8.2f} "
+              f"{memory[k]:9.1f} {memory[k] / memory[train_kind]:8.2f}")
     ratios = {
         "gn / train (target <= 1.8)": times["gn"] / times["train"],
         "layerwise / naive (target <= 0.55)": times["layerwise"] / times["naive"],
         "layerwise / pruned (no target)": times["layerwise"] / times["pruned"],
         "gn peak memory / train's (target <= 2)": memory["gn"] / memory["train"],
+        "stock gn / stock train (no target)": times["stock_gn"] / times["stock_train"],
+        "stock layerwise / stock train (no target)": times["stock_layerwise"] / times["stock_train"],
     }
     for k, v in ratios.items():
         verdict = "" if "<=" not in k else "met" if v <= float(k.split("<= ")[1][:-1]) else "NOT met"
@@ -316,6 +331,10 @@ def main(argv=None):
         "train_step_peak_mb": memory["train"], "gn_inner_peak_mb": memory["gn"],
         "layerwise_inner_peak_mb": memory["layerwise"], "naive_layerwise_inner_peak_mb": memory["naive"],
         "pruned_layerwise_inner_s": times["pruned"], "pruned_layerwise_inner_peak_mb": memory["pruned"],
+        "stock_train_step_s": times["stock_train"], "stock_gn_inner_s": times["stock_gn"],
+        "stock_layerwise_inner_s": times["stock_layerwise"], "stock_train_step_peak_mb": memory["stock_train"],
+        "stock_gn_inner_peak_mb": memory["stock_gn"], "stock_layerwise_inner_peak_mb": memory["stock_layerwise"],
+        "stock_parameters": sum(p.numel() for p in stock.parameters()),
         "preset": args.preset, "device": args.device, "dtype": args.dtype, "matmul_precision": args.matmul_precision,
     }
     if args.json:

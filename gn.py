@@ -60,15 +60,27 @@ Read this file top to bottom:
 """
 import contextlib
 import math
+import re
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines import make_optimizer
+from baselines import hidden_matrices, make_optimizer
+
+# forward_ad.make_dual imports torch's jvp decompositions on first use, and
+# they compile themselves with the deprecated torch.jit.script, which warns
+# (torch 2.13 and 2.14). GN's passes never use them (they serve forward mode
+# through backward ops): import them once here with that warning silenced.
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script")
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 # ---------------------------------------------------------------------------
@@ -161,6 +173,29 @@ def get_loss(name):
 # 2. One forward pass with a tangent, one backward pass with a residual.
 # ---------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def tangent_pass():
+    """The context of every forward pass that carries a tangent (forward-mode AD).
+
+    `F.scaled_dot_product_attention` has a forward-mode derivative only in its
+    math backend (the fused CPU and CUDA kernels have none), so these passes
+    run SDPA there; passes without a tangent keep the model's fast kernels.
+    Any other op without one gets an error that names it and says what to do.
+    """
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    except NotImplementedError as e:
+        op = re.search(r"forward AD with (\S+)", str(e))
+        if op is None and "forward mode AD" not in str(e):
+            raise
+        op = op.group(1) if op else "a custom autograd.Function without a jvp"
+        raise NotImplementedError(
+            f"GN carries a tangent through the model (forward-mode AD), and {op} has no forward-mode "
+            "derivative in PyTorch: compute it with plain PyTorch ops, or wrap it in a torch.autograd.Function "
+            "with a jvp, as model.py does for its kernels") from None
+
+
 def jvp_vjp(f, params, tangent, residual):
     """Return z = f(params), J·tangent and Jᵀ·residual(z, J·tangent).
 
@@ -170,7 +205,7 @@ def jvp_vjp(f, params, tangent, residual):
     stands for zero: a plain forward pass, and Jt is None.
     """
     primals = {k: p.detach().requires_grad_() for k, p in params.items()}
-    with torch.enable_grad(), forward_ad.dual_level():
+    with torch.enable_grad(), forward_ad.dual_level(), tangent_pass() if tangent is not None else contextlib.nullcontext():
         if tangent is None:
             z, jt = f(primals), None
         else:
@@ -266,7 +301,7 @@ def step_size_grid(smallest):
 
 def forward_jvp(f, params, tangent):
     """z = f(params) and J·tangent from one forward pass carrying the tangent; no graph."""
-    with torch.no_grad(), forward_ad.dual_level():
+    with torch.no_grad(), forward_ad.dual_level(), tangent_pass():
         z, jt = forward_ad.unpack_dual(f({k: forward_ad.make_dual(p, tangent[k]) for k, p in params.items()}))
     return z, jt
 
@@ -298,21 +333,22 @@ def span_model(functions, params, directions, ls_batches, H):
     return totals[0].item(), totals[1:n + 1], totals[n + 1:].reshape(n, n)
 
 
-def directional_model(model, params, d, ls_batches, H):
+def directional_model(forward, params, d, ls_batches, H):
     """ℓ(θ0), the slope gᵀd and the curvature dᵀGd of the full GN model along d.
 
-    The span model of the single direction d: the quadratic's prediction at
-    any step size η is slope·η + ½·curvature·η².
+    forward(params, x) gives the outputs. The span model of the single
+    direction d: the quadratic's prediction at any step size η is
+    slope·η + ½·curvature·η².
     """
-    loss0, s, M = span_model(lambda x: [lambda p: functional_call(model, p, (x,))], params, [d], ls_batches, H)
+    loss0, s, M = span_model(lambda x: [lambda p: forward(p, x)], params, [d], ls_batches, H)
     return loss0, s.item(), M.item()
 
 
 @torch.no_grad()
-def loss_at(model, params, d, eta, ls_batches, H):
+def loss_at(forward, params, d, eta, ls_batches, H):
     """Mean true loss at θ0 + η d on the line-search batches."""
     moved = {k: params[k] + eta * d[k] for k in params}
-    total = sum(H.value(functional_call(model, moved, (x,)), y) for x, y in ls_batches)
+    total = sum(H.value(forward(moved, x), y) for x, y in ls_batches)
     return all_reduce_mean([total / len(ls_batches)])[0].item()
 
 
@@ -353,9 +389,10 @@ def span_step_sizes(s, M, largest=1.0, rtol=1e-6, sweeps=100):
     return c
 
 
-def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4, model_along_d=None,
+def line_search(forward, params, d, ls_batches, H, method, smallest, armijo_c=1e-4, model_along_d=None,
                 model_batches=None):
-    """Choose η for θ0 + η d. η = 0 (reject) when no candidate lowers the loss.
+    """Choose η for θ0 + η d, forward(params, x) giving the outputs. η = 0 (reject) when no candidate
+    lowers the loss.
 
     model: η* of `model_step_size`, then halved until ℓ(θ0 + ηd) ≤ ℓ(θ0) + c·η·gᵀd
         (Armijo): usually one forward pass over the line-search batches, plus
@@ -376,15 +413,15 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
     """
     model_batches = model_batches or len(ls_batches)
-    loss0, slope, curvature = model_along_d or directional_model(model, params, d, ls_batches[:model_batches], H)
+    loss0, slope, curvature = model_along_d or directional_model(forward, params, d, ls_batches[:model_batches], H)
     if model_batches < len(ls_batches):
         rest = ls_batches[model_batches:]
-        loss0 = (loss0 * model_batches + loss_at(model, params, d, 0.0, rest, H) * len(rest)) / len(ls_batches)
+        loss0 = (loss0 * model_batches + loss_at(forward, params, d, 0.0, rest, H) * len(rest)) / len(ls_batches)
     if not all(math.isfinite(v) for v in (loss0, slope, curvature)):
         return 0.0, loss0, loss0, slope, curvature
     if method == "paper":
         grid = [2 ** (-k / 2) for k in range(64) if 2 ** (-k / 2) >= smallest]
-        losses = [(loss_at(model, params, d, eta, ls_batches, H), eta) for eta in grid]
+        losses = [(loss_at(forward, params, d, eta, ls_batches, H), eta) for eta in grid]
         best_loss, best_eta = min([(loss, eta) for loss, eta in losses if math.isfinite(loss)], default=(loss0, 0.0))
         return best_eta, loss0, best_loss, slope, curvature
     # Reach below the floor when the model's own step lies there: a layerwise
@@ -393,19 +430,19 @@ def line_search(model, params, d, ls_batches, H, method, smallest, armijo_c=1e-4
     eta_model = model_step_size(slope, curvature)
     smallest = min(smallest, eta_model / 2) if eta_model > 0 else smallest
     if method == "none":
-        loss1 = loss_at(model, params, d, 1.0, ls_batches, H)
+        loss1 = loss_at(forward, params, d, 1.0, ls_batches, H)
         return (1.0, loss0, loss1, slope, curvature) if math.isfinite(loss1) else (0.0, loss0, loss0, slope, curvature)
     if method == "grid":
         best_eta, best_loss = 0.0, loss0
         for eta in step_size_grid(smallest):
-            loss = loss_at(model, params, d, eta, ls_batches, H)
+            loss = loss_at(forward, params, d, eta, ls_batches, H)
             if math.isfinite(loss) and loss < best_loss:
                 best_eta, best_loss = eta, loss
         return best_eta, loss0, best_loss, slope, curvature
     if method in ("model", "backtracking"):
         eta = eta_model if method == "model" else 1.0
         while slope < 0 and eta >= smallest:
-            loss = loss_at(model, params, d, eta, ls_batches, H)
+            loss = loss_at(forward, params, d, eta, ls_batches, H)
             if math.isfinite(loss) and loss <= loss0 + armijo_c * eta * slope:
                 return eta, loss0, loss, slope, curvature
             eta /= 2
@@ -458,13 +495,67 @@ def reach_applies(line_search, inner):
     return line_search in ("model", "backtracking") and inner != "cg"
 
 
+def model_outputs(out):
+    """What a model returned, as the outputs the loss sees: a tensor as it is, the `.logits` of a
+    Hugging Face ModelOutput. Any other model needs GaussNewton(outputs=...)."""
+    if torch.is_tensor(out):
+        return out
+    if torch.is_tensor(getattr(out, "logits", None)):
+        return out.logits
+    raise TypeError(f"the model returned a {type(out).__name__}, not a tensor: give GaussNewton "
+                    "outputs=, a function from what the model returns to the outputs the loss takes")
+
+
+def is_layer_stack(module):
+    """A ModuleList or Sequential of two or more modules of one type, with parameters: a network's layers."""
+    children = list(module.children())
+    return (isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) > 1
+            and len({type(c) for c in children}) == 1 and any(True for _ in module.parameters()))
+
+
 def default_blocks(model):
-    """Parameter names per block: `model.gn_blocks()`, else one per top-level child."""
+    """Parameter names per layerwise block: `model.gn_blocks()` where the model offers it, else one block
+    per layer, found from the modules.
+
+    The modules are walked in the order they were registered (the order of
+    `named_parameters`, and in a standard network the forward order). Every
+    layer of a stack (`is_layer_stack`, e.g. the transformer blocks in an
+    nn.ModuleList) is a block; the walk descends into containers (ModuleList,
+    Sequential, ModuleDict) and into any module holding a stack, and every
+    other module on the way (an embedding, the output head) is a block. A tied
+    or shared parameter belongs to the first block that holds it, so a head
+    tied to the embedding adds no block. A block without a matrix (a final
+    norm, a lone bias) joins the block before it, or the first one after it.
+    """
     if hasattr(model, "gn_blocks"):
         return [names for _, names in model.gn_blocks()]
-    blocks = [[f"{child}.{n}" for n, _ in module.named_parameters()] for child, module in model.named_children()]
-    own = [n for n, _ in model.named_parameters(recurse=False)]
-    return [b for b in blocks + [own] if b]
+    name_of, parameter = {id(p): n for n, p in model.named_parameters()}, dict(model.named_parameters())
+    taken, units = set(), []
+
+    def claim(params):
+        units.append([name_of[id(p)] for p in params if id(p) in name_of and name_of[id(p)] not in taken])
+        taken.update(units[-1])
+
+    def walk(module, layers):
+        claim(module.parameters(recurse=False))
+        for child in module.children():
+            container = isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
+            if not layers and (container or any(is_layer_stack(m) for m in child.modules())):
+                walk(child, is_layer_stack(child))
+            else:
+                claim(child.parameters())
+
+    walk(model, is_layer_stack(model))
+    blocks, leading = [], []
+    for unit in filter(None, units):
+        if any(parameter[n].ndim > 1 for n in unit):
+            blocks.append(leading + unit)
+            leading = []
+        elif blocks:
+            blocks[-1] += unit
+        else:
+            leading += unit
+    return blocks or [leading]
 
 
 def cached_block_starts(model, blocks):
@@ -496,11 +587,18 @@ class GaussNewton(torch.optim.Optimizer):
     the inner solver over `inner_steps` micro-batches, then moves the weights
     along the resulting direction by a line search on `ls_batches`.
 
-    model: an nn.Module whose `model(inputs)` gives the outputs.
+    model: an nn.Module whose `model(inputs)` gives the outputs (any PyTorch
+        model whose ops have forward-mode derivatives: stock layers and
+        `F.scaled_dot_product_attention` do; see README, "GN on your own
+        model"). Every pass of a step must compute the same function: turn
+        dropout off (model.eval(), or p = 0).
+    outputs: a function from what the model returns to the outputs the loss
+        takes (default `model_outputs`: a tensor, or a Hugging Face `.logits`).
     mode: "layerwise" (one quadratic per block, the default and the practical
         variant) or "full" (one quadratic over all parameters: the oracle).
     loss: "ce" (targets: class indices) or "mse" (targets shaped like outputs).
-    inner: "muon" (Muon on hidden matrices, AdamW on the rest: the paper's),
+    inner: "muon" (Muon on the hidden matrices, AdamW on the rest: the
+        paper's; the split is by role, `baselines.hidden_matrices`),
         "adamw", "soap", "shampoo", "cg", or a callable
         (named_params, lr) -> torch.optim.Optimizer.
     inner_lr: the inner optimizer's learning rate (param_groups[0]["lr"], so
@@ -536,7 +634,8 @@ class GaussNewton(torch.optim.Optimizer):
     keep_iterate: also keep the inner iterate where the last inner loop ended
         (the paper's code does; it drifts whenever the line search picks η < 1,
         since θ then moved only ηd).
-    blocks: lists of parameter names (layerwise mode). Default: `default_blocks`.
+    blocks: lists of parameter names (layerwise mode). Default: `default_blocks`,
+        one block per layer.
         Runs of consecutive default blocks (the embedding with transformer
         block 0: one pass through the network fewer per inner step) still
         start from cached inputs (`cached_block_starts`).
@@ -560,7 +659,7 @@ class GaussNewton(torch.optim.Optimizer):
                  inner_lr=0.01, inner_schedule="cosine", weight_decay=0.0, clip=1.0,
                  prox_linear=False, line_search="model", min_step_size=None, ls_model_fraction=0.5,
                  damping=0.0, warm_start=True, keep_iterate=False, blocks=None, combine="sum", cg_tol=1e-10,
-                 adaptive_reach=None):
+                 adaptive_reach=None, outputs=model_outputs):
         if mode not in ("layerwise", "full"):
             raise ValueError(f"unknown mode {mode!r}: choose layerwise or full")
         if isinstance(inner, str) and inner not in INNER_SOLVERS:
@@ -578,9 +677,10 @@ class GaussNewton(torch.optim.Optimizer):
             raise ValueError("adaptive_reach needs line_search 'model' or 'backtracking' and a first-order inner solver")
         if inner_schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
-        self.model, self.mode, self.loss, self.inner = model, mode, loss, inner
+        self.model, self.mode, self.loss, self.inner, self.outputs = model, mode, loss, inner, outputs
         self.H = get_loss(loss)
         self.named = dict(model.named_parameters())
+        self.hidden = hidden_matrices(model)
         super().__init__(list(self.named.values()), dict(lr=inner_lr))
         self.inner_steps, self.inner_schedule, self.weight_decay, self.clip = inner_steps, inner_schedule, weight_decay, clip
         self.prox_linear, self.line_search, self.damping, self.cg_tol = prox_linear, line_search, damping, cg_tol
@@ -616,10 +716,15 @@ class GaussNewton(torch.optim.Optimizer):
         if callable(self.inner):
             opt = self.inner(list(named.items()), lr)
         else:
-            opt = make_optimizer(self.inner, list(named.items()), lr=lr, weight_decay=self.weight_decay)
+            hidden = {"hidden": self.hidden} if self.inner == "muon" else {}
+            opt = make_optimizer(self.inner, list(named.items()), lr=lr, weight_decay=self.weight_decay, **hidden)
         for group in opt.param_groups:  # the schedule scales every group's own lr
             group["lr_ratio"] = group["lr"] / lr
         return opt
+
+    def _forward(self, params, *args, **kwargs):
+        """The outputs at params (missing ones at the model's own values)."""
+        return self.outputs(functional_call(self.model, params, args, kwargs))
 
     def _block_functions(self, x):
         """f_l: block l's parameters -> outputs, with every other block at θ0.
@@ -635,7 +740,7 @@ class GaussNewton(torch.optim.Optimizer):
 
         def run(p, *args, **kwargs):
             with shared:
-                return functional_call(model, p, args, kwargs)
+                return self._forward(p, *args, **kwargs)
 
         if self.cached_inputs:
             # The embedding block's pass runs the whole network and records the
@@ -665,7 +770,7 @@ class GaussNewton(torch.optim.Optimizer):
         them all, instead of a pass with a tangent per block.
         """
         if at_origin:
-            f = lambda p: functional_call(self.model, p, (x,))
+            f = lambda p: self._forward(p, x)
             grad = model_gradient(f, self._block_params(list(self.named)), None, y, self.loss, self.prox_linear)[0]
             return [{n: grad[n] for n in block} for block in self.blocks]
         return [self._model_gradient(f, block, self._delta(block), y)
@@ -802,7 +907,7 @@ class GaussNewton(torch.optim.Optimizer):
             smallest = min(self.min_step_size, 2.0 ** -10) if self.adaptive_reach else self.min_step_size
             if finite:
                 eta, loss0, loss1, slope, curvature = line_search(
-                    self.model, params, d, ls_batches, self.H, self.line_search, smallest,
+                    self._forward, params, d, ls_batches, self.H, self.line_search, smallest,
                     model_along_d=model_along_d, model_batches=model_batches)
             else:
                 eta, loss0, loss1, slope, curvature = 0.0, float("nan"), float("nan"), float("nan"), float("nan")

@@ -663,6 +663,11 @@ def linear_problem(loss, seed):
     return model, params, d, [(x, y)]
 
 
+def forward_of(model):
+    """The outputs at given parameters: the forward(params, x) that the line search takes."""
+    return lambda params, x: functional_call(model, params, (x,))
+
+
 def loss_along(model, params, d, batch, loss, eta):
     x, y = batch
     z = functional_call(model, {k: params[k] + eta * d[k] for k in params}, (x,))
@@ -673,18 +678,18 @@ def test_model_step_is_the_exact_minimizer_along_d_on_least_squares():
     """For a linear model and squared error GN is exact: the loss along d is a parabola,
     which three evaluations determine; η* = -gᵀd / dᵀGd must be its vertex."""
     model, params, d, batches = linear_problem("mse", seed=7)
-    if directional_model(model, params, d, batches, MeanSquaredError)[1] > 0:
+    if directional_model(forward_of(model), params, d, batches, MeanSquaredError)[1] > 0:
         d = {k: -v for k, v in d.items()}  # make d a descent direction
     f = [loss_along(model, params, d, batches[0], "mse", eta).item() for eta in (0.0, 1.0, 2.0)]
     a, b = (f[2] - 2 * f[1] + f[0]) / 2, (4 * f[1] - 3 * f[0] - f[2]) / 2  # f(η) = f0 + bη + aη²
-    loss0, slope, curvature = directional_model(model, params, d, batches, MeanSquaredError)
+    loss0, slope, curvature = directional_model(forward_of(model), params, d, batches, MeanSquaredError)
     assert loss0 == pytest.approx(f[0], rel=1e-12)
     assert slope == pytest.approx(b, rel=1e-9) and curvature == pytest.approx(2 * a, rel=1e-9)
     assert model_step_size(slope, curvature, largest=float("inf")) == pytest.approx(-b / (2 * a), rel=1e-9)
     # the model rule takes that step when it is at most 1 (scale d so that it is), after one loss evaluation
     scale = 2 * model_step_size(slope, curvature, largest=float("inf"))
     d = {k: v * scale for k, v in d.items()}
-    eta, _, loss1, _, _ = line_search(model, params, d, batches, MeanSquaredError, "model", 0.25)
+    eta, _, loss1, _, _ = line_search(forward_of(model), params, d, batches, MeanSquaredError, "model", 0.25)
     assert eta == pytest.approx(0.5, rel=1e-9)
     assert loss1 == pytest.approx(f[0] - b ** 2 / (4 * a), rel=1e-9)  # the parabola's minimum
 
@@ -700,7 +705,7 @@ def test_model_step_minimizes_the_gn_quadratic_built_from_explicit_jacobians():
     curvature = (jd.reshape(-1) @ H @ jd.reshape(-1)).item()
     eta = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
     slope = torch.autograd.grad(loss_along(model, params, d, batches[0], "ce", eta), eta)[0].item()
-    loss0, got_slope, got_curvature = directional_model(model, params, d, batches, CrossEntropy)
+    loss0, got_slope, got_curvature = directional_model(forward_of(model), params, d, batches, CrossEntropy)
     assert got_slope == pytest.approx(slope, rel=1e-9) and got_curvature == pytest.approx(curvature, rel=1e-9)
     expected = -slope / curvature if slope < 0 else 0.0
     assert model_step_size(got_slope, got_curvature, largest=float("inf")) == pytest.approx(expected, rel=1e-9)
@@ -733,7 +738,7 @@ def test_model_step_from_some_batches_is_checked_on_all():
     a, b = parabola(batches[:2])
     a_all, b_all = parabola(batches)
     assert abs(-b_all / (2 * a_all) - 0.5) > 0.02  # so the batches η* comes from are told apart
-    eta, loss0, loss1, slope, curvature = line_search(model, params, d, batches, MeanSquaredError, "model", 0.25,
+    eta, loss0, loss1, slope, curvature = line_search(forward_of(model), params, d, batches, MeanSquaredError, "model", 0.25,
                                                       model_batches=2)
     assert slope == pytest.approx(b, rel=1e-9) and curvature == pytest.approx(2 * a, rel=1e-9)
     assert eta == pytest.approx(0.5, rel=1e-9)
@@ -764,14 +769,14 @@ def test_line_search_reaches_below_its_floor_when_the_model_step_lies_there():
     """A direction 100 times too long: η* ≈ 1/100 is below the floor 1/4, and every rule still finds a
     step that lowers the loss instead of rejecting the direction."""
     model, params, d, batches = linear_problem("mse", seed=9)
-    if directional_model(model, params, d, batches, MeanSquaredError)[1] > 0:
+    if directional_model(forward_of(model), params, d, batches, MeanSquaredError)[1] > 0:
         d = {k: -v for k, v in d.items()}
-    _, slope, curvature = directional_model(model, params, d, batches, MeanSquaredError)
+    _, slope, curvature = directional_model(forward_of(model), params, d, batches, MeanSquaredError)
     d = {k: v * 100 * model_step_size(slope, curvature, largest=float("inf")) for k, v in d.items()}
     for method in ("model", "grid", "backtracking"):
-        eta, loss0, loss1, _, _ = line_search(model, params, d, batches, MeanSquaredError, method, 0.25)
+        eta, loss0, loss1, _, _ = line_search(forward_of(model), params, d, batches, MeanSquaredError, method, 0.25)
         assert 0 < eta < 0.25 and loss1 < loss0, method
-    eta = line_search(model, params, d, batches, MeanSquaredError, "model", 0.25)[0]
+    eta = line_search(forward_of(model), params, d, batches, MeanSquaredError, "model", 0.25)[0]
     assert eta == pytest.approx(0.01, rel=1e-9)
 
 
@@ -814,7 +819,7 @@ def test_span_step_with_one_block_is_the_scalar_model_step():
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert 0 < stats["block_step_sizes"][0] < 1
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
-    _, slope, curvature = directional_model(model, {k: v.detach() for k, v in model.named_parameters()},
+    _, slope, curvature = directional_model(forward_of(model), {k: v.detach() for k, v in model.named_parameters()},
                                             {k: torch.ones_like(v) for k, v in model.named_parameters()}, ls,
                                             CrossEntropy)
     c = span_step_sizes(torch.tensor([slope], dtype=torch.float64), torch.tensor([[curvature]], dtype=torch.float64))
@@ -856,15 +861,15 @@ def test_papers_rule_takes_the_best_half_power_and_always_steps():
     """Along an ascent direction the grid rejects (η = 0) while the authors' rule still takes the
     least bad point of 1, 2^-1/2, ..., down to the floor; along descent both pick the grid's best."""
     model, params, d, batches = linear_problem("mse", seed=10)
-    if directional_model(model, params, d, batches, MeanSquaredError)[1] < 0:
+    if directional_model(forward_of(model), params, d, batches, MeanSquaredError)[1] < 0:
         d = {k: -v for k, v in d.items()}  # make d an ascent direction
-    eta, loss0, loss1, _, _ = line_search(model, params, d, batches, MeanSquaredError, "paper", 2 ** -4.5)
+    eta, loss0, loss1, _, _ = line_search(forward_of(model), params, d, batches, MeanSquaredError, "paper", 2 ** -4.5)
     assert eta == 2 ** -4.5 and loss1 > loss0  # the smallest of the ten points, and a worse loss
-    assert line_search(model, params, d, batches, MeanSquaredError, "grid", 2 ** -4.5)[0] == 0.0
+    assert line_search(forward_of(model), params, d, batches, MeanSquaredError, "grid", 2 ** -4.5)[0] == 0.0
     d = {k: -3 * v for k, v in d.items()}
     grid = [2 ** (-k / 2) for k in range(10)]
     losses = [loss_along(model, params, d, batches[0], "mse", eta).item() for eta in grid]
-    eta = line_search(model, params, d, batches, MeanSquaredError, "paper", 2 ** -4.5)[0]
+    eta = line_search(forward_of(model), params, d, batches, MeanSquaredError, "paper", 2 ** -4.5)[0]
     assert eta == grid[losses.index(min(losses))]
 
 
