@@ -83,6 +83,10 @@ CPU = dict(
          "shampoo": [1.5e-3, 3e-3, 6e-3], "gn": [0.005, 0.01, 0.02], "gn_layerwise": [0.005, 0.01, 0.02],
          "gn_prox": [0.005, 0.01, 0.02], "gn_layerwise_prox": [0.005, 0.01, 0.02]},
     opts=["adamw", "muon", "soap", "shampoo", "gn", "gn_layerwise"],
+    # The headline comparison also sweeps these optimizers' warmup (steps of
+    # the budget at the headline batch; train.py's default is 5%: 2 of 40),
+    # each warmup with its whole lr grid.
+    warmups={"adamw": [2, 5, 10], "soap": [2, 5, 10], "shampoo": [2, 5, 10]},
     # The batch sweep runs Muon, the best baseline of the headline comparison,
     # against GN; AdamW, SOAP and Shampoo run at the headline batch only (each
     # would add up to an hour at 256K tokens per step on 2 cores).
@@ -140,10 +144,10 @@ PRESETS = {
                   batch_sweep=[1, 2], budget={1: 4, 2: 4},
                   lrs={"adamw": [3e-3, 1e-2], "muon": [0.06], "soap": [9e-3], "shampoo": [3e-3], "gn": [0.02],
                        "gn_layerwise": [0.04], "gn_prox": [0.02], "gn_layerwise_prox": [0.04]},
-                  opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"],
+                  opts=["adamw", "gn"], sweep_opts=["adamw", "gn"], seed_opts=["gn"], warmups={"adamw": [1, 2]},
                   robust=dict(opts=["adamw", "gn", "gn_layerwise"], batches=[1, 2], seeds=[0, 1], targets=[5.0, 4.0],
                               inner_lrs={"gn": {2: [0.01]}}, fixed_inner_lrs={"gn": {2: [0.02]}}),
-                  model_sizes=dict(models=["tiny", "mini"], baseline="muon", gn_opts=["gn", "gn_layerwise"],
+                  model_sizes=dict(models=["tiny", "mini"], baseline="muon", gn_opts=["gn_layerwise"],
                                    batches=[1, 2], budget=3, seeds=[0, 1], targets=[5.0])),
 }
 # The paper's comparison shrunk to fit about 8 minutes of one H100 or H200
@@ -348,6 +352,7 @@ def summarize(run, target):
             "tokens_to_target": reached["tokens"] if reached else None,
             "time_to_target_s": round(reached["time_s"], 2) if reached else None,
             "final_val_loss": final_val_loss(run["records"]), "lr": run["lr"], "seed": run.get("seed"),
+            "warmup": int(run["extra"][run["extra"].index("--warmup") + 1]) if "--warmup" in run.get("extra", ()) else None,
             "steps_run": run["records"][-1]["step"] if run["records"] else 0,
             "tokens_per_step": run.get("tokens_per_step"),
             "peak_memory_bytes": run["peak_memory_bytes"], "memory_kind": run["memory_kind"],
@@ -511,23 +516,30 @@ def run_all(args, jobs):
 
 
 def compare(args, micro_batches, target_loss):
-    """Every optimizer of args.opts at one outer batch. Without a target, the baselines run first and
-    the lowest final validation loss of any of their runs becomes it.
+    """Every optimizer of args.opts at one outer batch, those with warmups in the preset at each (every
+    warmup its own lr sweep). Without a target, the baselines run first and the lowest final validation
+    loss of any of their runs becomes it.
 
-    Returns (target, {opt: summary of its best run}, {opt: its best run}, {opt: every lr's summary}).
+    Returns (target, {opt: summary of its best run}, {opt: its best run}, {opt: every run's summary}).
     """
+    warmups = PRESETS[args.preset].get("warmups", {})
+
+    def runs_of(opts, target):
+        jobs = [(o, micro_batches, args.seed, target, None, ("--warmup", str(w)) if w is not None else ())
+                for o in opts for w in warmups.get(o, [None])]
+        runs = {}
+        for job, job_runs in run_all(args, jobs).items():
+            runs.setdefault(job[0], []).extend(job_runs)
+        return runs
+
     baselines = [o for o in args.opts if o in FIRST_ORDER]
-    first = baselines if target_loss is None else args.opts
-    all_runs = {job[0]: runs for job, runs in run_all(args, [(o, micro_batches, args.seed, target_loss)
-                                                             for o in first]).items()}
+    all_runs = runs_of(baselines if target_loss is None else args.opts, target_loss)
     if target_loss is None:
         finals = [f for runs in all_runs.values() for f in (final_val_loss(r["records"]) for r in runs) if f]
         if not finals:
             fail("no baseline run finished with a finite validation loss: no target to measure against")
         target_loss = min(finals)
-        rest = [o for o in args.opts if o not in all_runs]
-        all_runs.update({job[0]: runs for job, runs in run_all(args, [(o, micro_batches, args.seed, target_loss)
-                                                                      for o in rest]).items()})
+        all_runs.update(runs_of([o for o in args.opts if o not in all_runs], target_loss))
     all_runs = {o: all_runs[o] for o in args.opts}
     summaries = {opt: [summarize(r, target_loss) for r in runs] for opt, runs in all_runs.items()}
     best = {opt: best_of(s) for opt, s in summaries.items()}
@@ -972,6 +984,8 @@ def bench_ratios(args, preset):
             "layerwise_over_naive_layerwise": b["layerwise_inner_s"] / b["naive_layerwise_inner_s"],
             "gn_peak_memory_over_train_step": b["gn_inner_peak_mb"] / b["train_step_peak_mb"],
             "layerwise_peak_memory_over_train_step": b["layerwise_inner_peak_mb"] / b["train_step_peak_mb"],
+            "stock_gn_inner_over_train_step": b["stock_gn_inner_s"] / b["stock_train_step_s"],
+            "stock_layerwise_inner_over_train_step": b["stock_layerwise_inner_s"] / b["stock_train_step_s"],
             "train_step_s": b["train_step_s"], "train_step_peak_mb": b["train_step_peak_mb"], "n_blocks": b["n_blocks"]}
 
 
@@ -1037,7 +1051,8 @@ def table(results):
         memory = f"{s['peak_memory_bytes'] / 2**20:.0f}" if s["peak_memory_bytes"] else "-"
         final = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "diverged"
         reached = steps if steps else f"not in {s['steps_run']}"
-        lines.append(f"| {opt} | {s['lr']:g} | {reached} | {ratio} | {s['tokens_to_target'] or '-'} | "
+        warmup = f", warmup {s['warmup']}" if s.get("warmup") is not None else ""
+        lines.append(f"| {opt} | {s['lr']:g}{warmup} | {reached} | {ratio} | {s['tokens_to_target'] or '-'} | "
                      f"{s['time_to_target_s'] or '-'} | {final} | {memory} |")
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
 """compare.py: the steps-to-target logic on synthetic metrics, results.json from the smoke preset, bad input."""
 import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -164,7 +166,8 @@ def test_gpu_presets_start_every_run_from_one_warm_up_with_the_papers_recipe(tmp
                                   ["--preset", "45m", "--batch-sweep"], ["--jobs", "0"],
                                   ["--quick", "--batch-sweep"], ["--quick", "--preset", "45m"],
                                   ["--preset", "smoke", "--seeds", "0,1"], ["--seeds", "0,x"], ["--smoke"],
-                                  ["--robust", "--quick"], ["--robust", "--preset", "45m"]])
+                                  ["--robust", "--quick"], ["--robust", "--preset", "45m"],
+                                  ["--model-sizes", "--robust"], ["--model-sizes", "--preset", "45m"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         compare.parse_args(argv)
@@ -357,3 +360,98 @@ def test_gpu_quick_smoke_runs_the_gpu_race_on_the_cpu(tmp_path, monkeypatch):
     assert ratios["gn_inner_over_train_step"] == bench["gn_inner_s"] / bench["train_step_s"]
     assert ratios["layerwise_over_naive_layerwise"] == bench["layerwise_inner_s"] / bench["naive_layerwise_inner_s"]
     assert results["cuda_tests"] is None  # the CPU smoke leaves the CUDA tests to the GPU run
+
+
+def test_sweep_without_a_target_reached_extends_on_the_lowest_final_loss_at_an_edge(tmp_path, monkeypatch):
+    """No lr reaches the target: the lowest final loss decides. At the grid's top edge it extends the grid
+    (up to MAX_GRID_EXTENSIONS times); inside the grid it does not."""
+    calls = []
+
+    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
+        calls.append(lr)
+        return run_of([3.0] * 39 + [2.5 - lr], lr=lr)  # the larger the lr, the lower the final loss
+    monkeypatch.setattr(compare, "train_run", fake_run)
+    args = compare.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
+    runs = compare.sweep(args, "adamw", 64, 1.0, grid=(0.01, 0.02, 0.04))
+    assert calls == [0.02, 0.01, 0.04, 0.08, 0.16]
+    assert compare.best_of([compare.summarize(r, 1.0) for r in runs])["lr"] == 0.16
+    calls.clear()
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: (calls.append(a[3]), run_of([3.0, 2.0 + abs(a[3] - 0.02)],
+                                                                                          lr=a[3]))[1])
+    compare.sweep(args, "adamw", 64, None, grid=(0.01, 0.02, 0.04))  # no target: the middle lr is best
+    assert calls == [0.02, 0.01, 0.04]
+
+
+def test_headline_sweeps_each_warmup_with_its_lr_grid_and_keeps_the_best(tmp_path, monkeypatch):
+    """The preset's warmups: each runs the whole lr grid through train.py's --warmup; the best run of any
+    warmup is the optimizer's, and its summary names the warmup."""
+    runs = []
+
+    def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
+        runs.append((opt, lr, extra))
+        warmup = int(extra[1]) if extra else None
+        final = 2.0 if (warmup, lr) == (5, 0.006) else 2.8
+        return {**run_of([3.0] * 39 + [final], lr=lr), "opt": opt, "extra": list(extra)}
+    monkeypatch.setattr(compare, "train_run", fake_run)
+    args = compare.parse_args(["--preset", "cpu", "--opts", "adamw,muon", "--target-loss", "2.1",
+                               "--out", str(tmp_path)])
+    target, best, _, summaries = compare.compare(args, 64, 2.1)
+    grid = compare.PRESETS["cpu"]["lrs"]["adamw"]
+    assert {(lr, extra) for opt, lr, extra in runs if opt == "adamw" and lr in grid} == {
+        (lr, ("--warmup", str(w))) for lr in grid for w in compare.PRESETS["cpu"]["warmups"]["adamw"]}
+    assert all(extra == () for opt, _, extra in runs if opt == "muon")  # Muon has no warmup sweep
+    assert (best["adamw"]["lr"], best["adamw"]["warmup"], best["adamw"]["steps_to_target"]) == (0.006, 5, 40)
+    assert best["muon"]["warmup"] is None
+    assert len(summaries["adamw"]) == len([r for r in runs if r[0] == "adamw"])
+    assert "| adamw | 0.006, warmup 5 | 40 |" in compare.table({"target_loss": target, "preset": "cpu", "seeds": [0],
+                                                                "runs": best})
+
+
+def test_model_size_ladder_sweeps_muon_then_runs_gn_to_each_rungs_targets(tmp_path, capsys):
+    out = tmp_path / "out"
+    results = compare.main(["--model-sizes", "--preset", "smoke", "--out", str(out)])
+    assert json.loads((out / "model_sizes.json").read_text()) == json.loads(json.dumps(results))
+    assert {"command", "commit", "date", "runs", "rungs"} <= set(results)
+    study = compare.PRESETS["smoke"]["model_sizes"]
+    largest = max(study["batches"])
+    assert [r["preset"] for r in results["rungs"]] == study["models"] and results["seeds"] == study["seeds"]
+    for rung in results["rungs"]:
+        name = rung["preset"]
+        vocab = json.loads(next((out / name / "runs").glob("*/config.json")).read_text())["vocab_size"]
+        assert rung["parameters"] == model.GPT(dataclasses.replace(model.PRESETS[name], vocab_size=vocab)).num_params()
+        runs = [r for r in results["runs"] if r["preset"] == name]
+        muon = [r for r in runs if r["opt"] == "muon" and r["micro_batches"] == largest and r["measured"]]
+        assert sorted(r["seed"] for r in muon) == study["seeds"]
+        assert {r["lr"] for r in muon} == {rung["best_lr"][str(largest)]}
+        median = statistics.median(r["final_val_loss"] for r in muon)
+        assert rung["baseline_median_final_loss"] == math.ceil(median * 100) / 100
+        targets = sorted({*study["targets"], rung["baseline_median_final_loss"]}, reverse=True)
+        assert rung["targets"] == [f"{t:.2f}" for t in targets]
+        assert {(r["opt"], r["seed"]) for r in runs if r["opt"] != "muon"} == {
+            (o, s) for o in study["gn_opts"] for s in study["seeds"]}
+        for r in runs:
+            run_dir = out / name / "runs" / (f"{r['opt']}-mb{r['micro_batches']}-lr{r['lr']:g}"
+                                             + (f"-seed{r['seed']}" if r["seed"] else ""))
+            records = compare.read_metrics(run_dir)
+            for t in targets:
+                reached = [x for x in records if x["val_loss"] <= t]
+                assert r["steps_to_target"][f"{t:.2f}"] == (reached[0]["step"] if reached else None)
+                assert r["seconds_to_target"][f"{t:.2f}"] == (round(reached[0]["time_s"], 2) if reached else None)
+            assert r["max_consecutive_rejections"] == compare.max_consecutive_rejections(records)
+            if r["opt"] == "muon":  # the baselines run their whole budget
+                assert r["steps_run"] == study["budget"]
+            else:  # GN at its defaults, stopping at the lower target
+                assert r["lr"] == compare.default_lr(compare.parse_args(["--preset", "smoke"]), r["opt"])
+                assert r["steps_run"] == (r["steps_to_target"][f"{min(targets):.2f}"] or study["budget"])
+        for o in study["gn_opts"]:
+            for t in rung["targets"]:
+                gn = [r["steps_to_target"][t] for r in runs if r["opt"] == o]
+                muon_median = rung["steps_to_target"][f"muon@{largest}"][t]["median"]
+                ratio = rung["ratios"][o]["steps_to_target"][t]
+                if None not in gn and muon_median is not None:
+                    assert ratio["median"] == pytest.approx(muon_median / statistics.median(gn))
+                    assert ratio["min"] == pytest.approx(muon_median / max(gn))
+    assert "| model | parameters | target |" in capsys.readouterr().out
+    again = compare.main(["--model-sizes", "--preset", "smoke", "--out", str(out)])
+    assert capsys.readouterr().out.count("reusing the finished run") == len(results["runs"])
+    assert again["runs"] == results["runs"]
