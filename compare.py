@@ -876,20 +876,24 @@ def model_size_rung(args, model, study):
     return rung, runs
 
 
-def model_size_study(args):
+def model_size_study(args, report):
     """The ladder: model_size_rung at every model of the preset's study, smallest first, so that a rung is
-    finished (and its runs can be kept) before the next starts."""
+    finished (and its runs can be kept) before the next starts; report(results) after every rung, with
+    "complete" False until the last."""
     study = PRESETS[args.preset]["model_sizes"]
-    rungs, runs = [], []
-    for model in study["models"]:
-        rung, rung_runs = model_size_rung(args, model, study)
-        rungs.append(rung)
-        runs.extend(rung_runs)
     tokens = {str(m): m * PRESETS[args.preset]["batch_size"] * PRESETS[args.preset]["seq_len"]
               for m in study["batches"]}
-    return {"preset": args.preset, "seeds": args.seeds, "baseline": study["baseline"], "budget_steps": study["budget"],
-            "tokens_per_step": tokens, "common_targets": [f"{t:.2f}" for t in study["targets"]],
-            "rungs": rungs, "runs": runs}
+    results = {"preset": args.preset, "seeds": args.seeds, "baseline": study["baseline"],
+               "budget_steps": study["budget"], "tokens_per_step": tokens,
+               "common_targets": [f"{t:.2f}" for t in study["targets"]], "models": study["models"],
+               "complete": False, "rungs": [], "runs": []}
+    for model in study["models"]:
+        rung, rung_runs = model_size_rung(args, model, study)
+        results["rungs"].append(rung)
+        results["runs"].extend(rung_runs)
+        results["complete"] = len(results["rungs"]) == len(study["models"])
+        report(results)
+    return results
 
 
 def model_size_table(results):
@@ -1169,11 +1173,11 @@ def main(argv=None):
             plot_robust(plots + ".png", results)
             return results
         if args.model_sizes:
-            results = {**made_by, **model_size_study(args)}
-            print("\n" + model_size_table(results))
-            save_results(args.results, results)
-            plot_model_sizes(plots + ".png", results)
-            return results
+            def report(partial):
+                print("\n" + model_size_table(partial))
+                save_results(args.results, {**made_by, **partial})
+                plot_model_sizes(plots + ".png", partial)
+            return {**made_by, **model_size_study(args, report)}
         if "bench" in preset:
             return gpu_quick(args, made_by, plots)
         if args.batch_sweep:
