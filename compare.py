@@ -1,9 +1,10 @@
 """Compare Gauss-Newton against tuned first-order baselines: steps to a target loss.
 
     python compare.py --quick                  # the newcomer's race: Muon, full and layerwise GN at defaults (3 min)
-    python compare.py                          # the headline: every optimizer at 64K tokens per step (25 min)
+    python compare.py                          # the headline: every optimizer at 64K tokens per step (about 1 h)
     python compare.py --batch-sweep            # Muon and GN from 4K to 256K tokens per step (65 min)
     python compare.py --robust                 # GN's defaults on five seeds at 64K and 256K, no sweep (3 h)
+    python compare.py --model-sizes --out results/model_sizes   # the model-size ladder: tiny, mini, small (hours)
     python compare.py --preset gpu-quick       # the paper's race shrunk to ~8 minutes of one H100 (--smoke: CPU)
     python compare.py --preset 45m --data DIR  # the paper's 45M model on a GPU (C4, T5 tokens)
 
@@ -23,7 +24,9 @@ target; a learning rate that has not reached it by the step where
 the best one so far did stops there, since it can no longer win (its schedule
 still spans the whole budget, so the runs it is compared with are unchanged).
 The target is the preset's (fixed in advance), or else the lowest final
-validation loss of any baseline run. The GPU presets (45m, 150m) follow the
+validation loss of any baseline run. At the headline batch AdamW, SOAP and
+Shampoo also sweep their warmup (2, 5 and 10 of the 40 steps), each warmup
+with its own lr grid. The GPU presets (45m, 150m) follow the
 authors' recipe (train.py --recipe paper) and start every run from the same
 AdamW warm-up, trained once (train.py --init-from).
 
@@ -41,6 +44,16 @@ lowest. For reference, GN also runs with its inner lr fixed (no adaptive
 reach) at the tuned lrs and at one scaled by the number of inner steps.
 Every run records its steps to each target and its longest run of
 rejected steps (robust_defaults.json, robust_defaults.png).
+
+The model-size ladder (--model-sizes) asks whether GN's step advantage
+holds as the model grows: at each of tiny (0.38M parameters), mini (1.3M)
+and small (4.9M), Muon at 16 and 64 micro-batches with its lr swept on seed
+0 (the grid extended while its lowest final loss is at an edge) and seeds 1
+and 2 at the best lr, 40 steps each; then full and layerwise GN at their
+defaults on seeds 0-2 at 64, each stopping at the lower of 2.35 and Muon's
+median final loss at 64 (rounded up to two decimals, so that Muon's median
+seed reaches it). model_sizes.json and its plot are written after every
+rung; the runs live in --out (commit them to carry the study on).
 
 Every run is `train.py` in its own process (--jobs at a time, each with its
 share of the cores), so the peak memory is per run: torch.cuda.max_memory_allocated
@@ -946,7 +959,8 @@ def plot_model_sizes(path, results):
                 high = np.array([v["max"] for v in e]) - y
                 ax.errorbar(np.array(x) * (1.04 if i else 1), y, yerr=[low, high], fmt="o--", capsize=3, label=o)
             ax.axhline(1, color="gray", linewidth=0.8, linestyle=":")
-            ax.set(xscale="log", ylabel=f"{opt}'s {'steps' if row == 0 else 'seconds'} / GN's")
+            ax.set(xscale="log", xlim=(min(params) / 2, max(params) * 2),
+                   ylabel=f"{opt}'s {'steps' if row == 0 else 'seconds'} / GN's")
             if row == 0:
                 ax.set_title(f"to {title}")
             else:
