@@ -407,29 +407,11 @@ class Shampoo(_Optimizer):
 # Building them
 
 
-def hidden_matrices(model):
-    """The names of the parameters Muon orthogonalizes, by their role in the model: the 2-D weights of
-    its layers.
-
-    Not hidden: the weights of nn.Embedding modules and any parameter tied to
-    one (a head tied to the embedding), and the output layer's weight (of the
-    last module registered with a 2-D weight, the head in nanoGPT, Hugging
-    Face GPT-2 and LLaMA, and model.GPT); nor anything that is not a module's
-    2-D `weight` (gains, biases, a positional table held as a bare parameter).
-    """
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    weights = [m.weight for m in model.modules()
-               if isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.ndim == 2]
-    output = id(weights[-1]) if weights else None
-    return {name_of[id(w)] for w in weights if id(w) in name_of and id(w) not in embeddings and id(w) != output}
-
-
 def split_muon_params(named_params, hidden=None):
     """Split (name, tensor) pairs into (muon_named, adamw_named) lists.
 
-    Muon gets the hidden matrices: the names in hidden (`hidden_matrices` of
-    the model), or without it 2-D tensors whose name contains neither "embed"
+    Muon gets the hidden matrices: the names in hidden (`gn.hidden_matrices`
+    of the model), or without it 2-D tensors whose name contains neither "embed"
     nor "head" (model.GPT's names). Everything else (embedding, output head,
     1-D gains) goes to AdamW. Works on any tensors (gn.py passes plain leaf
     tensors)."""

@@ -72,7 +72,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines import hidden_matrices, make_optimizer
+from baselines import make_optimizer
 
 # forward_ad.make_dual imports torch's jvp decompositions on first use, and
 # they compile themselves with the deprecated torch.jit.script, which warns
@@ -180,9 +180,13 @@ def tangent_pass():
     `F.scaled_dot_product_attention` has a forward-mode derivative only in its
     math backend (the fused CPU and CUDA kernels have none), so these passes
     run SDPA there; passes without a tangent keep the model's fast kernels.
+    nn.MultiheadAttention's fused inference path (nn.TransformerEncoderLayer in
+    eval mode without grad) has none either, so it is off in these passes.
     Any other op without one gets an error that names it and says what to do.
     """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         with sdpa_kernel(SDPBackend.MATH):
             yield
     except NotImplementedError as e:
@@ -194,6 +198,8 @@ def tangent_pass():
             f"GN carries a tangent through the model (forward-mode AD), and {op} has no forward-mode "
             "derivative in PyTorch: compute it with plain PyTorch ops, or wrap it in a torch.autograd.Function "
             "with a jvp, as model.py does for its kernels") from None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def jvp_vjp(f, params, tangent, residual):
@@ -558,6 +564,26 @@ def default_blocks(model):
     return blocks or [leading]
 
 
+def hidden_matrices(model):
+    """The names of the parameters inner Muon orthogonalizes, found from the modules: the 2-D
+    parameters of the network's layers.
+
+    Not hidden (AdamW takes them): the weights of nn.Embedding modules and
+    any parameter tied to one (a head tied to the embedding); the output
+    layer's (the last module registered that holds a 2-D parameter of its
+    own); tables held by the model itself or by a module holding its layer
+    stack (a positional table as a bare parameter); and all that is not 2-D.
+    """
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    owners = [m for m in model.modules() if any(p.ndim == 2 for p in m.parameters(recurse=False))]
+    output = {id(p) for p in owners[-1].parameters(recurse=False)} if owners else set()
+    tables = {id(p) for m in model.modules() if m is model or any(is_layer_stack(c) for c in m.modules())
+              for p in m.parameters(recurse=False)}
+    return {name_of[id(p)] for m in owners for p in m.parameters(recurse=False)
+            if p.ndim == 2 and id(p) in name_of and id(p) not in embeddings | output | tables}
+
+
 def cached_block_starts(model, blocks):
     """Where each block's cached input enters, or None when blocks cannot start from cached inputs.
 
@@ -598,7 +624,7 @@ class GaussNewton(torch.optim.Optimizer):
         variant) or "full" (one quadratic over all parameters: the oracle).
     loss: "ce" (targets: class indices) or "mse" (targets shaped like outputs).
     inner: "muon" (Muon on the hidden matrices, AdamW on the rest: the
-        paper's; the split is by role, `baselines.hidden_matrices`),
+        paper's; the split is by role, `hidden_matrices`),
         "adamw", "soap", "shampoo", "cg", or a callable
         (named_params, lr) -> torch.optim.Optimizer.
     inner_lr: the inner optimizer's learning rate (param_groups[0]["lr"], so

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines import hidden_matrices
-from gn import GaussNewton, default_blocks, model_gradient
-from model import GPT, GPTConfig
+from baselines import split_muon_params
+from gn import GaussNewton, default_blocks, hidden_matrices, model_gradient
+from model import GPT, PAPER_ARCH, GPTConfig
 
 VOCAB, T = 16, 8
 
@@ -76,6 +76,23 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+class TorchEncoderLM(nn.Module):
+    """torch's own nn.TransformerEncoder (nn.MultiheadAttention inside) under a causal mask, a positional
+    table held as a bare parameter, an untied head."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.pos = nn.Parameter(0.02 * torch.randn(1, T, d))
+        self.emb = nn.Embedding(VOCAB, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(d, VOCAB)
+
+    def forward(self, idx):
+        mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1], dtype=self.pos.dtype)
+        return self.out(self.encoder(self.emb(idx) + self.pos[:, :idx.shape[1]], mask=mask, is_causal=True))
+
+
 def hugging_face(name):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -92,7 +109,7 @@ def hugging_face(name):
 
 def build(name):
     torch.manual_seed(0)
-    model = NanoGPT() if name == "nanogpt" else hugging_face(name)
+    model = {"nanogpt": NanoGPT, "torch_encoder": TorchEncoderLM}.get(name, lambda: hugging_face(name))()
     return model.double().eval()
 
 
@@ -109,6 +126,8 @@ EXPECTED_BLOCKS = {
                        layer(m, "transformer.h.1") + ["transformer.ln_f.weight", "transformer.ln_f.bias"]],
     "llama": lambda m: [["model.embed_tokens.weight"], layer(m, "model.layers.0"),
                         layer(m, "model.layers.1") + ["model.norm.weight"], ["lm_head.weight"]],
+    "torch_encoder": lambda m: [["pos"], ["emb.weight"], layer(m, "encoder.layers.0"), layer(m, "encoder.layers.1"),
+                                ["out.weight", "out.bias"]],
 }
 MODELS = list(EXPECTED_BLOCKS)
 
@@ -146,7 +165,7 @@ def test_blocks_are_one_per_layer_with_every_parameter_once(name):
 def test_muon_splits_by_role(name):
     """Muon orthogonalizes the layers' 2-D weights only: not the embeddings, the (tied or untied) head, gains."""
     model = build(name)
-    layers = "model.layers" if name == "llama" else "transformer.h"
+    layers = {"llama": "model.layers", "torch_encoder": "encoder.layers"}.get(name, "transformer.h")
     expected = {n for n, p in model.named_parameters() if n.startswith(layers) and p.ndim == 2}
     assert hidden_matrices(model) == expected
     opt = GaussNewton(model, mode="layerwise")
@@ -154,6 +173,15 @@ def test_muon_splits_by_role(name):
         for group in inner.param_groups:
             members = {n for n in names if any(opt.iterate[n] is p for p in group["params"])}
             assert members == {n for n in names if (n in expected) == group["use_muon"]}
+
+
+def test_muon_split_by_role_is_model_gpts_split_by_name():
+    """On model.GPT, both architectures, the role rule picks what the name rule of train.py's baseline Muon
+    picks: GN's inner Muon there is unchanged."""
+    for arch in ({}, PAPER_ARCH):
+        model = GPT(GPTConfig(vocab_size=VOCAB, block_size=T, n_layer=2, n_head=2, n_embd=32, mlp_hidden=48, **arch))
+        by_name = {n for n, _ in split_muon_params(model.named_parameters())[0]}
+        assert hidden_matrices(model) == by_name and len(by_name) > 0
 
 
 @pytest.mark.parametrize("mode", ["full", "layerwise"])
@@ -178,8 +206,13 @@ def test_step_lowers_the_loss_and_reports_the_model_along_its_direction(name, mo
     params = {n: t.clone().requires_grad_() for n, t in theta0.items()}
     grads = torch.autograd.grad(loss(params), list(params.values()))
     slope = sum((g * d[n]).sum() for g, n in zip(grads, params)).item()
-    with sdpa_kernel(SDPBackend.MATH):
-        z0, jd = jvp(lambda p: logits_of(model, x, p), (theta0,), (d,))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # torch's fused encoder layer has no forward mode
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            z0, jd = jvp(lambda p: logits_of(model, x, p), (theta0,), (d,))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     along = lambda t: F.cross_entropy((z0 + t * jd).flatten(0, 1), y.flatten())
     curvature = torch.autograd.functional.hessian(along, torch.zeros((), dtype=z0.dtype)).item()
     assert stats["slope"] == pytest.approx(slope, rel=1e-8, abs=1e-12)
