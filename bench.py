@@ -81,6 +81,7 @@ def setup(preset, device, dtype, seed=0):
     stock = NanoGPT(c.vocab_size, seq, c.n_layer, c.n_embd, c.n_head).to(device=device, dtype=dtype)
     x = torch.randint(0, c.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, c.vocab_size, (batch, seq), device=device)
+    stock_inputs = (x, y)  # nanoGPT's model(tokens, targets): every position's logits only with targets
 
     def gn_optimizer(mode, cached=True, model=model):
         opt = GaussNewton(model, mode=mode, inner="adamw")
@@ -94,19 +95,20 @@ def setup(preset, device, dtype, seed=0):
     full, layerwise, pruned = gn_optimizer("full"), gn_optimizer("layerwise"), gn_optimizer("layerwise", cached=False)
 
     def train(model=model):
-        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
+        logits = model(x) if model is not stock else model(*stock_inputs)[0]
+        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
         # Freed here, not at the next call's start: a peak measured from before a
         # call then counts the gradients, as GN's counts the ∇Q it returns.
         for p in model.parameters():
             p.grad = None
 
-    def gn_inner(opt, model=model):
+    def gn_inner(opt, model=model, inputs=x):
         def run():
             # As inside GaussNewton.step: θ0 is a constant during the inner loop.
             for p in model.parameters():
                 p.requires_grad_(False)
             try:
-                opt.inner_gradients(x, y)
+                opt.inner_gradients(inputs, y)
             finally:
                 for p in model.parameters():
                     p.requires_grad_(True)
@@ -124,8 +126,8 @@ def setup(preset, device, dtype, seed=0):
 
     fns = {"train": train, "gn": gn_inner(full), "layerwise": gn_inner(layerwise),
            "naive": gn_inner(PaperLayerwise()), "pruned": gn_inner(pruned), "stock_train": lambda: train(stock),
-           "stock_gn": gn_inner(gn_optimizer("full", model=stock), stock),
-           "stock_layerwise": gn_inner(gn_optimizer("layerwise", model=stock), stock)}
+           "stock_gn": gn_inner(gn_optimizer("full", model=stock), stock, stock_inputs),
+           "stock_layerwise": gn_inner(gn_optimizer("layerwise", model=stock), stock, stock_inputs)}
     return model, stock, fns, len(layerwise.blocks)
 
 

@@ -43,20 +43,17 @@ Read this file top to bottom:
    span of the layerwise block directions: one step size per block.
 
 5. Layerwise GN splits the parameters into blocks (embedding, each
-   transformer block, head) and gives each block its own quadratic, built
-   with that block's Jacobian alone: the block-diagonal of G, no cross-block
-   curvature. Full GN is the same code with a single block. Because the
-   other blocks sit at θ0 during the inner loop, the input of block l is the
-   same at every inner step: models that offer `block_inputs` and a
-   `start_block` entry point let block l start there instead of rerunning
-   the blocks below it (the embedding block's own pass records those inputs).
-   Block l's pass still carries its tangent forward and its residual back
-   through every block above it. Every pass runs the network at θ0, so the
-   primal outputs are the same in all of them: with a model that offers
-   `shared_primals` they are computed once per micro-batch, not once per
-   block above each layer. Even so, block l's tangent and residual run
-   through every layer above it, so the blocks' passes together cost about
-   (L + 1)/2 full-GN passes, not one (results/README.md, "The cost of a step").
+   transformer block, head; `default_blocks` finds them in any model) and
+   gives each block its own quadratic, built with that block's Jacobian
+   alone: the block-diagonal of G. Full GN is the same code with one block.
+   The other blocks sit at θ0 during the inner loop, so block l's input is
+   the same at every inner step: a model that offers `block_inputs` and
+   `start_block` lets block l start there (the embedding block's pass records
+   them), and one that offers `shared_primals` computes the primal outputs,
+   equal in every block's pass, once per micro-batch. Block l's tangent and
+   residual still run through every layer above it: the blocks' passes
+   together cost about (L + 1)/2 full-GN passes (results/README.md, "The
+   cost of a step").
 """
 import contextlib
 import math
@@ -74,10 +71,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from baselines import make_optimizer
 
-# forward_ad.make_dual imports torch's jvp decompositions on first use, and
-# they compile themselves with the deprecated torch.jit.script, which warns
-# (torch 2.13 and 2.14). GN's passes never use them (they serve forward mode
-# through backward ops): import them once here with that warning silenced.
+# forward_ad.make_dual imports torch's jvp decompositions on first use, which
+# warn that torch.jit.script is deprecated. GN never uses them (forward mode
+# through backward ops): import them here with that warning silenced.
 with warnings.catch_warnings(), contextlib.suppress(ImportError):
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script")
     import torch._decomp.decompositions_for_jvp  # noqa: F401
@@ -178,11 +174,10 @@ def tangent_pass():
     """The context of every forward pass that carries a tangent (forward-mode AD).
 
     `F.scaled_dot_product_attention` has a forward-mode derivative only in its
-    math backend (the fused CPU and CUDA kernels have none), so these passes
-    run SDPA there; passes without a tangent keep the model's fast kernels.
-    nn.MultiheadAttention's fused inference path (nn.TransformerEncoderLayer in
-    eval mode without grad) has none either, so it is off in these passes.
-    Any other op without one gets an error that names it and says what to do.
+    math backend, and nn.MultiheadAttention's fused inference path none: these
+    passes use the math backend and not that path; passes without a tangent
+    keep the model's fast kernels. Any other op without one gets an error
+    that names it and says what to do.
     """
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
@@ -503,11 +498,14 @@ def reach_applies(line_search, inner):
 
 def model_outputs(out):
     """What a model returned, as the outputs the loss sees: a tensor as it is, the `.logits` of a
-    Hugging Face ModelOutput. Any other model needs GaussNewton(outputs=...)."""
+    Hugging Face ModelOutput, the first of a tuple (nanoGPT's (logits, loss)). Any other model needs
+    GaussNewton(outputs=...)."""
     if torch.is_tensor(out):
         return out
     if torch.is_tensor(getattr(out, "logits", None)):
         return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
     raise TypeError(f"the model returned a {type(out).__name__}, not a tensor: give GaussNewton "
                     "outputs=, a function from what the model returns to the outputs the loss takes")
 
@@ -523,15 +521,14 @@ def default_blocks(model):
     """Parameter names per layerwise block: `model.gn_blocks()` where the model offers it, else one block
     per layer, found from the modules.
 
-    The modules are walked in the order they were registered (the order of
-    `named_parameters`, and in a standard network the forward order). Every
-    layer of a stack (`is_layer_stack`, e.g. the transformer blocks in an
-    nn.ModuleList) is a block; the walk descends into containers (ModuleList,
-    Sequential, ModuleDict) and into any module holding a stack, and every
-    other module on the way (an embedding, the output head) is a block. A tied
-    or shared parameter belongs to the first block that holds it, so a head
-    tied to the embedding adds no block. A block without a matrix (a final
-    norm, a lone bias) joins the block before it, or the first one after it.
+    The modules are walked in the order they were registered (in a standard
+    network the forward order). Every layer of a stack (`is_layer_stack`: the
+    transformer blocks in an nn.ModuleList) is a block; the walk descends into
+    containers and into modules holding a stack, and every other module on
+    the way (an embedding, the head) is a block. A tied or shared parameter
+    belongs to the first block holding it (a tied head adds no block). A
+    block without a matrix (a final norm) joins the block before it, or the
+    first one after it.
     """
     if hasattr(model, "gn_blocks"):
         return [names for _, names in model.gn_blocks()]
@@ -565,14 +562,12 @@ def default_blocks(model):
 
 
 def hidden_matrices(model):
-    """The names of the parameters inner Muon orthogonalizes, found from the modules: the 2-D
-    parameters of the network's layers.
+    """The names of the parameters inner Muon orthogonalizes: the 2-D parameters of the layers.
 
-    Not hidden (AdamW takes them): the weights of nn.Embedding modules and
-    any parameter tied to one (a head tied to the embedding); the output
-    layer's (the last module registered that holds a 2-D parameter of its
-    own); tables held by the model itself or by a module holding its layer
-    stack (a positional table as a bare parameter); and all that is not 2-D.
+    Not hidden (AdamW takes them): nn.Embedding weights and any parameter tied
+    to one; the output layer's (the last module registered that holds a 2-D
+    parameter of its own); tables held by the model or by a module holding
+    its layer stack (a bare positional table); all that is not 2-D.
     """
     name_of = {id(p): n for n, p in model.named_parameters()}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -613,13 +608,15 @@ class GaussNewton(torch.optim.Optimizer):
     the inner solver over `inner_steps` micro-batches, then moves the weights
     along the resulting direction by a line search on `ls_batches`.
 
-    model: an nn.Module whose `model(inputs)` gives the outputs (any PyTorch
-        model whose ops have forward-mode derivatives: stock layers and
-        `F.scaled_dot_product_attention` do; see README, "GN on your own
-        model"). Every pass of a step must compute the same function: turn
-        dropout off (model.eval(), or p = 0).
+    model: an nn.Module whose `model(x)` gives the outputs; a micro-batch's
+        inputs x are a tensor, a tuple of arguments or a dict of keyword
+        arguments. Any PyTorch model whose ops have forward-mode derivatives
+        (stock layers and `F.scaled_dot_product_attention` do; README, "GN on
+        your own model"). Every pass of a step must compute the same
+        function: turn dropout off (model.eval(), or p = 0).
     outputs: a function from what the model returns to the outputs the loss
-        takes (default `model_outputs`: a tensor, or a Hugging Face `.logits`).
+        takes (default `model_outputs`: a tensor, a Hugging Face `.logits`,
+        the first of a tuple).
     mode: "layerwise" (one quadratic per block, the default and the practical
         variant) or "full" (one quadratic over all parameters: the oracle).
     loss: "ce" (targets: class indices) or "mse" (targets shaped like outputs).
@@ -639,38 +636,31 @@ class GaussNewton(torch.optim.Optimizer):
         "grid", "backtracking", "none" or "paper" (the authors' rule: the
         grid's best, always a step; see `line_search`).
         min_step_size: the smallest step tried (below it only when η* lies
-        lower, and never for "paper"; layerwise blocks each solve
-        their own quadratic as if the others stood still, so their sum
-        overshoots: the step often has to be about 1/number of blocks).
+        lower, never for "paper"; the sum of layerwise block steps overshoots:
+        the step often has to be about 1/number of blocks).
         ls_model_fraction: the share of the line-search batches that η*'s
-        slope and curvature come from (the span model's too); the losses
-        the step is checked with come from all of them. Half cuts the line
-        search by a quarter at no measured cost in steps (results/README.md,
-        "Earlier studies").
+        slope and curvature come from (the span model's too); the losses the
+        step is checked with come from all. Half cuts the line search by a
+        quarter at no measured cost in steps (results/README.md).
     adaptive_reach: scale the inner learning rate by a reach that each outer
-        step's line search sets for the next (`next_reach`: smaller after a
-        rejected or cut step, larger after a whole step the model predicted
-        well); the line search then also halves below min_step_size, down to
-        2^-10, before it rejects. None (default): on wherever it applies, with
-        line_search "model" or "backtracking" and a first-order inner solver;
-        False: the inner lr follows its schedule alone. Measured in
-        results/README.md, "Robust defaults".
+        step's line search sets for the next (`next_reach`); the line search
+        then also halves below min_step_size, down to 2^-10, before it
+        rejects. None (default): on wherever it applies (line_search "model"
+        or "backtracking", a first-order inner solver); False: the inner lr
+        follows its schedule alone (results/README.md, "Robust defaults").
     damping: λ, adds λ/2‖Δ‖² to each quadratic.
     warm_start: keep the inner optimizers' state across outer steps.
     keep_iterate: also keep the inner iterate where the last inner loop ended
         (the paper's code does; it drifts whenever the line search picks η < 1,
         since θ then moved only ηd).
     blocks: lists of parameter names (layerwise mode). Default: `default_blocks`,
-        one block per layer.
-        Runs of consecutive default blocks (the embedding with transformer
-        block 0: one pass through the network fewer per inner step) still
-        start from cached inputs (`cached_block_starts`).
+        one block per layer. Runs of consecutive default blocks still start
+        from cached inputs (`cached_block_starts`).
     combine: how layerwise GN joins its block directions d_l before the line
         search. "sum": d = Σ d_l, one step size for all. "span": d = Σ c_l d_l
-        with the coefficients c that minimize the full GN model over the span
-        of the d_l (`span_step_sizes`), which sees the cross-block curvature
-        the block solves ignored; it costs one forward pass with a tangent
-        per block on the line-search batches instead of one in all.
+        with the c that minimize the full GN model over the span of the d_l
+        (`span_step_sizes`, which sees the cross-block curvature), at one
+        forward pass with a tangent per block on the line-search batches.
     weight_decay: the inner optimizer's, applied to the iterate θ0 + Δ (as the
         paper's inner loop decays the weights themselves).
 
@@ -748,9 +738,11 @@ class GaussNewton(torch.optim.Optimizer):
             group["lr_ratio"] = group["lr"] / lr
         return opt
 
-    def _forward(self, params, *args, **kwargs):
-        """The outputs at params (missing ones at the model's own values)."""
-        return self.outputs(functional_call(self.model, params, args, kwargs))
+    def _forward(self, params, x, **kwargs):
+        """The outputs at params (missing ones at the model's own values) for inputs x: a tensor, a tuple
+        of positional arguments or a dict of keyword arguments."""
+        args, kw = ((), x) if isinstance(x, dict) else (x, {}) if isinstance(x, tuple) else ((x,), {})
+        return self.outputs(functional_call(self.model, params, args, {**kw, **kwargs}))
 
     def _block_functions(self, x):
         """f_l: block l's parameters -> outputs, with every other block at θ0.
@@ -764,9 +756,9 @@ class GaussNewton(torch.optim.Optimizer):
         several = len(self.blocks) > 1
         shared = model.shared_primals() if several and hasattr(model, "shared_primals") else contextlib.nullcontext()
 
-        def run(p, *args, **kwargs):
+        def run(p, x, **kwargs):
             with shared:
-                return self._forward(p, *args, **kwargs)
+                return self._forward(p, x, **kwargs)
 
         if self.cached_inputs:
             # The embedding block's pass runs the whole network and records the

@@ -2,9 +2,11 @@
 
 nanoGPT's GPT written here from stock modules (nn.Embedding for tokens and
 positions, nn.LayerNorm, a GELU MLP, `F.scaled_dot_product_attention`, an
-nn.ModuleList of blocks, the head tied to the token embedding), and Hugging
-Face's GPT2LMHeadModel and LlamaForCausalLM from small random configs (no
-download; skipped where `transformers` is not installed). Each is checked
+nn.ModuleList of blocks, the head tied to the token embedding, and its
+interface: model(tokens, targets) -> (logits, loss)), torch's own
+nn.TransformerEncoder, and Hugging Face's GPT2LMHeadModel and
+LlamaForCausalLM from small random configs (no download; skipped where
+`transformers` is not installed). Each is checked
 against references computed here: its blocks, Muon's split, a full and a
 layerwise step that lower the loss, and the slope and curvature the step
 reports along the direction it took, against autograd and `torch.func.jvp`.
@@ -69,11 +71,16 @@ class NanoGPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):
+        """nanoGPT's interface: (logits, loss); without targets, the logits of the last position only."""
         x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.transformer.h:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:]), None
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 class TorchEncoderLM(nn.Module):
@@ -132,12 +139,14 @@ EXPECTED_BLOCKS = {
 MODELS = list(EXPECTED_BLOCKS)
 
 
-def counting_batches(generator, n, batch_size=4):
-    """Sequences counting up from a random start modulo the vocabulary: learnable in a few steps."""
+def counting_batches(generator, n, batch_size=4, name=None):
+    """Sequences counting up from a random start modulo the vocabulary: learnable in a few steps. nanoGPT
+    gives the logits of every position only with targets: its inputs are (tokens, targets)."""
     batches = []
     for _ in range(n):
         seq = (torch.randint(0, VOCAB, (batch_size, 1), generator=generator) + torch.arange(T + 1)) % VOCAB
-        batches.append((seq[:, :-1], seq[:, 1:]))
+        x, y = seq[:, :-1], seq[:, 1:]
+        batches.append(((x, y) if name == "nanogpt" else x, y))
     return batches
 
 
@@ -147,8 +156,9 @@ def mean_loss(model, batches):
 
 
 def logits_of(model, x, params=None):
-    out = model(x) if params is None else functional_call(model, params, (x,))
-    return out if torch.is_tensor(out) else out.logits
+    args = x if isinstance(x, tuple) else (x,)
+    out = model(*args) if params is None else functional_call(model, params, args)
+    return out if torch.is_tensor(out) else out[0] if isinstance(out, tuple) else out.logits
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -192,12 +202,13 @@ def test_step_lowers_the_loss_and_reports_the_model_along_its_direction(name, mo
     line-search batch the model came from."""
     model = build(name)
     generator = torch.Generator().manual_seed(1)
-    held_out = counting_batches(generator, 2)
+    batches = lambda n: counting_batches(generator, n, name=name)
+    held_out = batches(2)
     before = mean_loss(model, held_out)
     opt = GaussNewton(model, mode=mode)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ls_batches = counting_batches(generator, 2)
-    stats = opt.step(counting_batches(generator, 3), ls_batches)
+    ls_batches = batches(2)
+    stats = opt.step(batches(3), ls_batches)
     assert stats["step_size"] > 0
     d = {n: opt.iterate[n] - theta0[n] for n in theta0}  # the direction the step took: θ = θ0 + η d
 
@@ -222,7 +233,7 @@ def test_step_lowers_the_loss_and_reports_the_model_along_its_direction(name, mo
         for n, p in model.named_parameters():
             torch.testing.assert_close(p, theta0[n] + stats["step_size"] * d[n])
 
-    opt.step(counting_batches(generator, 3), counting_batches(generator, 2))
+    opt.step(batches(3), batches(2))
     assert mean_loss(model, held_out) < before - 0.1
 
 
