@@ -833,6 +833,24 @@ def step_ratios(baseline, gn):
             "max": baseline["median"] / gn["min"]}
 
 
+def parallel_sweeps(args, opt, batches, seed):
+    """opt's lr grid at each batch without a target, every lr its own job (so that they run side by side),
+    then the grid extended by 2 beyond the edge that holds the lowest final loss, up to
+    MAX_GRID_EXTENSIONS times; returns {batch: every run}."""
+    runs, pending = {m: [] for m in batches}, [(m, lr) for m in batches for lr in PRESETS[args.preset]["lrs"][opt]]
+    for _ in range(MAX_GRID_EXTENSIONS + 1):
+        for job, job_runs in run_all(args, [(opt, m, seed, None, (lr,)) for m, lr in pending]).items():
+            runs[job[1]].extend(job_runs)
+        pending = []
+        for m in batches:
+            lrs, best = [r["lr"] for r in runs[m]], best_of([summarize(r, None) for r in runs[m]])["lr"]
+            if len(lrs) > 1 and best in (min(lrs), max(lrs)):
+                pending.append((m, best / 2 if best == min(lrs) else best * 2))
+        if not pending:
+            break
+    return runs
+
+
 def model_size_rung(args, model, study):
     """One model of the ladder, its runs in args.out/MODEL: the baseline's lr swept on the first seed at each
     batch, its other seeds at each batch's best lr, then GN at its defaults on every seed at the largest batch,
@@ -842,10 +860,10 @@ def model_size_rung(args, model, study):
     PRESETS[args.preset] = dict(PRESETS[base], model=model, budget={m: study["budget"] for m in study["batches"]})
     try:
         opt, largest, first = study["baseline"], max(study["batches"]), args.seeds[0]
-        sweeps = run_all(args, [(opt, m, first, None) for m in study["batches"]])
+        sweeps = parallel_sweeps(args, opt, study["batches"], first)
         best_lr, baseline_runs = {}, {}
         for m in study["batches"]:
-            swept = sweeps[(opt, m, first, None)]
+            swept = sweeps[m]
             best_lr[m] = best_of([summarize(r, None) for r in swept])["lr"]
             baseline_runs[m] = [next(r for r in swept if r["lr"] == best_lr[m])]
         others = run_all(args, [(opt, m, s, None, (best_lr[m],)) for m in study["batches"] for s in args.seeds[1:]])
@@ -874,9 +892,8 @@ def model_size_rung(args, model, study):
     rung = {"preset": model, "parameters": parameters, "targets": [f"{t:.2f}" for t in targets],
             "baseline_median_final_loss": reference,
             "best_lr": {str(m): best_lr[m] for m in study["batches"]},
-            "best_lr_at_grid_edge": {str(m): best_lr[m] in (min(r["lr"] for r in sweeps[(opt, m, first, None)]),
-                                                            max(r["lr"] for r in sweeps[(opt, m, first, None)]))
-                                     for m in study["batches"]},
+            "best_lr_at_grid_edge": {str(m): best_lr[m] in (min(r["lr"] for r in sweeps[m]),
+                                                            max(r["lr"] for r in sweeps[m])) for m in study["batches"]},
             "baseline_final_loss": {str(m): median_and_range([final_val_loss(r["records"]) for r in baseline_runs[m]])
                                     for m in study["batches"]},
             "steps_to_target": {f"{o}@{m}": over(o, m, "steps_to_target") for o, m in
