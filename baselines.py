@@ -407,10 +407,36 @@ class Shampoo(_Optimizer):
 # Building them
 
 
+def is_layer_stack(module):
+    """A ModuleList or Sequential of two or more modules of one type, with parameters: a network's layers."""
+    children = list(module.children())
+    return (isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) and len(children) > 1
+            and len({type(c) for c in children}) == 1 and any(True for _ in module.parameters()))
+
+
+def hidden_matrices(model):
+    """The names of the parameters Muon orthogonalizes, by their role in model: the 2-D parameters
+    of its layers, for any architecture (gn.py's inner Muon splits by this).
+
+    Not hidden (AdamW takes them): nn.Embedding weights and any parameter tied
+    to one; the output layer's (the last module registered that holds a 2-D
+    parameter of its own); tables held by the model or by a module holding
+    its layer stack (a bare positional table); all that is not 2-D.
+    """
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    owners = [m for m in model.modules() if any(p.ndim == 2 for p in m.parameters(recurse=False))]
+    output = {id(p) for p in owners[-1].parameters(recurse=False)} if owners else set()
+    tables = {id(p) for m in model.modules() if m is model or any(is_layer_stack(c) for c in m.modules())
+              for p in m.parameters(recurse=False)}
+    return {name_of[id(p)] for m in owners for p in m.parameters(recurse=False)
+            if p.ndim == 2 and id(p) in name_of and id(p) not in embeddings | output | tables}
+
+
 def split_muon_params(named_params, hidden=None):
     """Split (name, tensor) pairs into (muon_named, adamw_named) lists.
 
-    Muon gets the hidden matrices: the names in hidden (`gn.hidden_matrices`
+    Muon gets the hidden matrices: the names in hidden (`hidden_matrices`
     of the model), or without it 2-D tensors whose name contains neither "embed"
     nor "head" (model.GPT's names). Everything else (embedding, output head,
     1-D gains) goes to AdamW. Works on any tensors (gn.py passes plain leaf

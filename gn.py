@@ -56,6 +56,7 @@ Read this file top to bottom:
    cost of a step").
 """
 import contextlib
+import functools
 import math
 import re
 import time
@@ -69,14 +70,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines import make_optimizer
-
-# forward_ad.make_dual imports torch's jvp decompositions on first use, which
-# warn that torch.jit.script is deprecated. GN never uses them (forward mode
-# through backward ops): import them here with that warning silenced.
-with warnings.catch_warnings(), contextlib.suppress(ImportError):
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script")
-    import torch._decomp.decompositions_for_jvp  # noqa: F401
+from baselines import hidden_matrices, is_layer_stack, make_optimizer
 
 
 # ---------------------------------------------------------------------------
@@ -169,16 +163,26 @@ def get_loss(name):
 # 2. One forward pass with a tangent, one backward pass with a residual.
 # ---------------------------------------------------------------------------
 
+@functools.cache
+def load_jvp_decompositions():
+    """forward_ad.make_dual imports torch's jvp decompositions on first use, which warn that
+    torch.jit.script is deprecated; GN never uses them (forward mode through backward ops): import
+    them once here, with that warning silenced."""
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script")
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 @contextlib.contextmanager
 def tangent_pass():
     """The context of every forward pass that carries a tangent (forward-mode AD).
 
     `F.scaled_dot_product_attention` has a forward-mode derivative only in its
-    math backend, and nn.MultiheadAttention's fused inference path none: these
-    passes use the math backend and not that path; passes without a tangent
-    keep the model's fast kernels. Any other op without one gets an error
-    that names it and says what to do.
+    math backend, nn.MultiheadAttention's fused inference path none: these
+    passes use the former, not the latter (passes without a tangent keep the
+    fast kernels). Another op without one gets an error that names it.
     """
+    load_jvp_decompositions()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
@@ -405,10 +409,8 @@ def line_search(forward, params, d, ls_batches, H, method, smallest, armijo_c=1e
     paper: the authors' rule, exactly: the lowest loss over 2^(-k/2) ≥ smallest
         (k = 0, 1, ...); it always steps, unless no loss is finite.
     model_batches: the slope and curvature come from the first model_batches of
-        ls_batches (default: all of them); ℓ(θ0), and every loss compared with
-        it, from all of them. A pass with the tangent costs about three plain
-        forward passes, so estimating η* on half the batches and checking it
-        on all cuts the line search by a quarter.
+        ls_batches (default: all); ℓ(θ0), and every loss compared with it, from
+        all of them (a pass with the tangent costs about three plain ones).
     model_along_d: (ℓ(θ0), slope, curvature) on the model batches when already
         known, as from a span model.
     Returns (η, loss at θ0, loss at θ0 + ηd, slope, curvature).
@@ -510,13 +512,6 @@ def model_outputs(out):
                     "outputs=, a function from what the model returns to the outputs the loss takes")
 
 
-def is_layer_stack(module):
-    """A ModuleList or Sequential of two or more modules of one type, with parameters: a network's layers."""
-    children = list(module.children())
-    return (isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) > 1
-            and len({type(c) for c in children}) == 1 and any(True for _ in module.parameters()))
-
-
 def default_blocks(model):
     """Parameter names per layerwise block: `model.gn_blocks()` where the model offers it, else one block
     per layer, found from the modules.
@@ -561,24 +556,6 @@ def default_blocks(model):
     return blocks or [leading]
 
 
-def hidden_matrices(model):
-    """The names of the parameters inner Muon orthogonalizes: the 2-D parameters of the layers.
-
-    Not hidden (AdamW takes them): nn.Embedding weights and any parameter tied
-    to one; the output layer's (the last module registered that holds a 2-D
-    parameter of its own); tables held by the model or by a module holding
-    its layer stack (a bare positional table); all that is not 2-D.
-    """
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    owners = [m for m in model.modules() if any(p.ndim == 2 for p in m.parameters(recurse=False))]
-    output = {id(p) for p in owners[-1].parameters(recurse=False)} if owners else set()
-    tables = {id(p) for m in model.modules() if m is model or any(is_layer_stack(c) for c in m.modules())
-              for p in m.parameters(recurse=False)}
-    return {name_of[id(p)] for m in owners for p in m.parameters(recurse=False)
-            if p.ndim == 2 and id(p) in name_of and id(p) not in embeddings | output | tables}
-
-
 def cached_block_starts(model, blocks):
     """Where each block's cached input enters, or None when blocks cannot start from cached inputs.
 
@@ -621,7 +598,7 @@ class GaussNewton(torch.optim.Optimizer):
         variant) or "full" (one quadratic over all parameters: the oracle).
     loss: "ce" (targets: class indices) or "mse" (targets shaped like outputs).
     inner: "muon" (Muon on the hidden matrices, AdamW on the rest: the
-        paper's; the split is by role, `hidden_matrices`),
+        paper's; the split is by role, `baselines.hidden_matrices`),
         "adamw", "soap", "shampoo", "cg", or a callable
         (named_params, lr) -> torch.optim.Optimizer.
     inner_lr: the inner optimizer's learning rate (param_groups[0]["lr"], so
@@ -747,10 +724,9 @@ class GaussNewton(torch.optim.Optimizer):
     def _block_functions(self, x):
         """f_l: block l's parameters -> outputs, with every other block at θ0.
 
-        Every f_l runs the network at θ0 and differs only in its tangent, so
-        with a model that offers `shared_primals` the functions for one x
-        compute each layer's primal output once between them, not once per
-        block that runs through it.
+        Every f_l runs the network at θ0 and differs only in its tangent: with
+        a model that offers `shared_primals`, the functions for one x compute
+        each layer's primal output once between them.
         """
         model = self.model
         several = len(self.blocks) > 1

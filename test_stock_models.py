@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines import split_muon_params
-from gn import GaussNewton, default_blocks, hidden_matrices, model_gradient
+from baselines import hidden_matrices, split_muon_params
+from gn import GaussNewton, default_blocks, model_gradient
 from model import GPT, PAPER_ARCH, GPTConfig
 
 VOCAB, T = 16, 8
