@@ -65,7 +65,6 @@ names the command, the commit and the date that made it. A finished run with
 the same train.py arguments is reused, so an interrupted comparison continues
 where it stopped (delete DIR to run everything again).
 """
-import argparse
 import dataclasses
 import datetime
 import json

@@ -13,7 +13,6 @@ reports along the direction it took, against autograd and `torch.func.jvp`.
 Last, model.GPT's hand-written tangents against the same network built from
 stock modules with the same weights.
 """
-import math
 
 import pytest
 import torch
