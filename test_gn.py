@@ -12,9 +12,12 @@ from torch.func import functional_call
 
 import model as model_module
 from gn import (COMBINES, CrossEntropy, GaussNewton, MeanSquaredError, directional_model, gn_matvec, line_search,
-                model_gradient, model_step_size, next_reach, span_model, span_step_sizes, step_size_grid)
+                load_jvp_decompositions, model_gradient, model_step_size, next_reach, span_model, span_step_sizes,
+                step_size_grid)
 from model import (GPT, GPTConfig, PAPER_ARCH, PRESETS, CausalAttentionFunction, GELUFunction, LayerNormFunction,
                    LinearFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction, rotary_tables)
+
+load_jvp_decompositions()  # the tests below make duals themselves: without torch's jit warning, as gn.py does
 
 
 ARCHS = {"llama": {}, "paper": PAPER_ARCH}
