@@ -419,14 +419,17 @@ def hidden_matrices(model):
     of its layers, for any architecture (gn.py's inner Muon splits by this).
 
     Not hidden (AdamW takes them): nn.Embedding weights and any parameter tied
-    to one; the output layer's (the last module registered that holds a 2-D
-    parameter of its own); tables held by the model or by a module holding
-    its layer stack (a bare positional table); all that is not 2-D.
+    to one; the output layer's (of the last module outside the layer stacks,
+    not an embedding, that holds a 2-D parameter of its own: the head,
+    wherever it was registered); tables held by the model or by a module holding its
+    layer stack (a bare positional table); all that is not 2-D.
     """
     name_of = {id(p): n for n, p in model.named_parameters()}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    in_layers = {id(m) for s in model.modules() if is_layer_stack(s) for layer in s.children() for m in layer.modules()}
     owners = [m for m in model.modules() if any(p.ndim == 2 for p in m.parameters(recurse=False))]
-    output = {id(p) for p in owners[-1].parameters(recurse=False)} if owners else set()
+    outside = [m for m in owners if id(m) not in in_layers and not isinstance(m, torch.nn.Embedding)]
+    output = {id(p) for p in outside[-1].parameters(recurse=False)} if outside else set()
     tables = {id(p) for m in model.modules() if m is model or any(is_layer_stack(c) for c in m.modules())
               for p in m.parameters(recurse=False)}
     return {name_of[id(p)] for m in owners for p in m.parameters(recurse=False)

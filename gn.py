@@ -43,7 +43,7 @@ Read this file top to bottom:
    span of the layerwise block directions: one step size per block.
 
 5. Layerwise GN splits the parameters into blocks (embedding, each
-   transformer block, head; `default_blocks` finds them in any model) and
+   transformer block, head; `default_blocks` finds them from the modules) and
    gives each block its own quadratic, built with that block's Jacobian
    alone: the block-diagonal of G. Full GN is the same code with one block.
    The other blocks sit at θ0 during the inner loop, so block l's input is
@@ -57,6 +57,7 @@ Read this file top to bottom:
 """
 import contextlib
 import functools
+from collections.abc import Mapping
 import math
 import re
 import time
@@ -204,8 +205,9 @@ def tangent_pass():
 def jvp_vjp(f, params, tangent, residual):
     """Return z = f(params), J·tangent and Jᵀ·residual(z, J·tangent).
 
-    A single forward pass carries the tangent (forward-mode AD) while ordinary
-    autograd records the primal computation, so the VJP needs no second forward.
+    A single forward pass carries the tangent (forward-mode AD, in `tangent_pass`)
+    while ordinary autograd records the primal computation, so the VJP needs no
+    second forward.
     `residual` maps (z, Jt) to the output-space cotangent. A tangent of None
     stands for zero: a plain forward pass, and Jt is None.
     """
@@ -535,7 +537,8 @@ def default_blocks(model):
         taken.update(units[-1])
 
     def walk(module, layers):
-        claim(module.parameters(recurse=False))
+        for p in module.parameters(recurse=False):  # a bare table or matrix is a unit of its own
+            claim([p])
         for child in module.children():
             container = isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
             if not layers and (container or any(is_layer_stack(m) for m in child.modules())):
@@ -672,7 +675,7 @@ class GaussNewton(torch.optim.Optimizer):
             raise ValueError(f"unknown inner schedule {inner_schedule!r}: choose cosine or constant")
         self.model, self.mode, self.loss, self.inner, self.outputs = model, mode, loss, inner, outputs
         self.H = get_loss(loss)
-        self.named = dict(model.named_parameters())
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # frozen ones stay
         self.hidden = hidden_matrices(model)
         super().__init__(list(self.named.values()), dict(lr=inner_lr))
         self.inner_steps, self.inner_schedule, self.weight_decay, self.clip = inner_steps, inner_schedule, weight_decay, clip
@@ -684,10 +687,10 @@ class GaussNewton(torch.optim.Optimizer):
         if mode == "full":
             blocks = [list(self.named)]
         elif blocks is None:
-            blocks = default_blocks(model)
+            blocks = [b for b in ([n for n in block if n in self.named] for block in default_blocks(model)) if b]
         flat = [n for b in blocks for n in b]
         if sorted(flat) != sorted(self.named):
-            raise ValueError("blocks must list every parameter of the model exactly once")
+            raise ValueError("blocks must list every trainable parameter of the model exactly once")
         self.blocks = [list(b) for b in blocks]
         self.block_starts = cached_block_starts(model, self.blocks) if mode == "layerwise" else None
         self.cached_inputs = self.block_starts is not None
@@ -718,7 +721,7 @@ class GaussNewton(torch.optim.Optimizer):
     def _forward(self, params, x, **kwargs):
         """The outputs at params (missing ones at the model's own values) for inputs x: a tensor, a tuple
         of positional arguments or a dict of keyword arguments."""
-        args, kw = ((), x) if isinstance(x, dict) else (x, {}) if isinstance(x, tuple) else ((x,), {})
+        args, kw = ((), x) if isinstance(x, Mapping) else (x, {}) if isinstance(x, tuple) else ((x,), {})
         return self.outputs(functional_call(self.model, params, args, {**kw, **kwargs}))
 
     def _block_functions(self, x):

@@ -372,3 +372,68 @@ def test_outputs_picks_what_the_loss_sees():
     stats = GaussNewton(model, mode="full", outputs=lambda out: out["scores"]).step([(x, y), (x, y)])
     assert stats["loss_before"] == pytest.approx(expected, rel=1e-6)
     assert stats["step_size"] > 0
+
+
+class Keywords(nn.Module):
+    """Takes its input by keyword, as a Hugging Face model takes a tokenizer's BatchEncoding."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, features=None, scale=1.0):
+        return self.linear(features) * scale
+
+
+def test_inputs_may_be_a_tensor_a_tuple_or_a_mapping():
+    """A micro-batch's inputs: a tensor is the one argument, a tuple the arguments, any mapping (a dict, a
+    UserDict like transformers' BatchEncoding) the keyword arguments: the same step either way."""
+    import collections
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    losses = []
+    for inputs in (x, (x, 1.0), {"features": x}, collections.UserDict({"features": x, "scale": 1.0})):
+        torch.manual_seed(0)
+        model = Keywords()
+        losses.append(GaussNewton(model, mode="full").step([(inputs, y), (inputs, y)])["loss_after"])
+    assert losses[1:] == [losses[0]] * 3
+
+
+def test_frozen_parameters_stay_where_they_are_and_get_no_block():
+    """Parameters that do not require grad (a frozen embedding, a frozen layer: fine-tuning, adapters) are
+    not GN's: no block lists them and a step leaves them as they were."""
+    model = build("nanogpt")
+    frozen = {n for n, _ in model.named_parameters() if n.startswith(("transformer.wte", "transformer.h.0."))}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = GaussNewton(model, mode="layerwise")
+    assert opt.blocks == [b for b in ([n for n in block if n not in frozen] for block
+                                      in EXPECTED_BLOCKS["nanogpt"](model)) if b]
+    assert opt.step(*[counting_batches(torch.Generator().manual_seed(3), k, name="nanogpt") for k in (3, 2)])[
+        "step_size"] > 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen), n
+        assert p.requires_grad == (n not in frozen)
+
+
+class HeadFirst(nn.Module):
+    """The head registered before the layers, and no separate head at all (tied through F.linear)."""
+
+    def __init__(self, tied):
+        super().__init__()
+        self.tied = tied
+        if not tied:
+            self.head = nn.Linear(8, VOCAB, bias=False)
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = x + layer(x)
+        return F.linear(x, self.embed.weight) if self.tied else self.head(x)
+
+
+def test_hidden_matrices_find_the_head_wherever_it_is_registered():
+    for tied in (False, True):
+        assert hidden_matrices(HeadFirst(tied)) == {"layers.0.0.weight", "layers.1.0.weight"}
