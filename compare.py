@@ -73,7 +73,7 @@ import os
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -186,6 +186,7 @@ PRESETS.update({"gpu-quick": GPU_QUICK, "gpu-quick-smoke": GPU_QUICK_SMOKE})
 FIXED_REACH = "--no-adaptive-reach"  # train.py's flag for GN's inner lr without the adaptive reach
 RELATIVE_COST = {"gn": 2, "gn_prox": 2, "gn_layerwise": 4, "gn_layerwise_prox": 4}  # per step, to start long sweeps first
 MAX_GRID_EXTENSIONS = 2  # a best lr at the edge of its grid extends the grid by a factor 2, this many times
+MAX_LADDER_EXTENSIONS = 6  # the model-size ladder's baseline grid extends while its best lr is at an edge
 
 # What each run process does: train.py's main, then its peak memory into DIR/memory.json.
 # A crash (an exception train.py does not handle: CUDA out of memory, a bug)
@@ -833,20 +834,29 @@ def step_ratios(baseline, gn):
 
 
 def parallel_sweeps(args, opt, batches, seed):
-    """opt's lr grid at each batch without a target, every lr its own job (so that they run side by side),
-    then the grid extended by 2 beyond the edge that holds the lowest final loss, up to
-    MAX_GRID_EXTENSIONS times; returns {batch: every run}."""
-    runs, pending = {m: [] for m in batches}, [(m, lr) for m in batches for lr in PRESETS[args.preset]["lrs"][opt]]
-    for _ in range(MAX_GRID_EXTENSIONS + 1):
-        for job, job_runs in run_all(args, [(opt, m, seed, None, (lr,)) for m, lr in pending]).items():
-            runs[job[1]].extend(job_runs)
-        pending = []
-        for m in batches:
-            lrs, best = [r["lr"] for r in runs[m]], best_of([summarize(r, None) for r in runs[m]])["lr"]
-            if len(lrs) > 1 and best in (min(lrs), max(lrs)):
-                pending.append((m, best / 2 if best == min(lrs) else best * 2))
-        if not pending:
-            break
+    """opt's lr grid at each batch without a target, every lr its own job (args.jobs at a time, the
+    largest batch first); a batch whose runs are all done and whose lowest final loss lies at an edge
+    of its grid gets the lr 2x beyond that edge, while it does (up to MAX_LADDER_EXTENSIONS times), without
+    waiting for the other batches. Returns {batch: every run}."""
+    runs = {m: [] for m in batches}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        def submit(m, lr):
+            running[pool.submit(train_run, args, run_dir_of(args, opt, m, lr, seed), opt, lr, m, seed)] = m
+
+        running = {}
+        for m in sorted(batches, reverse=True):
+            for lr in PRESETS[args.preset]["lrs"][opt]:
+                submit(m, lr)
+        while running:
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                m = running.pop(future)
+                runs[m].append(future.result())
+                lrs = [r["lr"] for r in runs[m]]
+                best = best_of([summarize(r, None) for r in runs[m]])["lr"]
+                extensions = len(lrs) - len(PRESETS[args.preset]["lrs"][opt])
+                if (m not in running.values() and len(lrs) > 1 and best in (min(lrs), max(lrs))
+                        and extensions < MAX_LADDER_EXTENSIONS):
+                    submit(m, best / 2 if best == min(lrs) else best * 2)
     return runs
 
 

@@ -458,17 +458,18 @@ def test_model_size_ladder_sweeps_muon_then_runs_gn_to_each_rungs_targets(tmp_pa
 
 
 def test_parallel_sweeps_run_every_lr_as_its_own_job_and_extend_past_the_best_edge(tmp_path, monkeypatch):
-    """No target: the lowest final loss decides. At 64 micro-batches the largest lr is best until 0.24, so
-    the grid extends twice (0.12 -> 0.24 -> 0.48: the limit); at 16 the middle lr is best: no extension."""
+    """No target: the lowest final loss decides. At 64 micro-batches the largest lr is best up to 0.48, so
+    the grid extends while it is (0.24, 0.48, then 0.96, worse); at 16 the middle lr is best: no extension."""
     calls = []
 
     def fake_run(args, run_dir, opt, lr, micro_batches, seed, target_loss=None, stop_at=None, extra=()):
         calls.append((micro_batches, lr, stop_at))
-        final = 2.0 - lr if micro_batches == 64 else 2.0 + abs(lr - 0.06)
+        final = 2.0 + abs(lr - 0.48) if micro_batches == 64 else 2.0 + abs(lr - 0.06)
         return {**run_of([3.0] * 39 + [final], lr=lr), "micro_batches": micro_batches}
     monkeypatch.setattr(compare, "train_run", fake_run)
     args = compare.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
     runs = compare.parallel_sweeps(args, "muon", [16, 64], seed=0)
     assert sorted(r["lr"] for r in runs[16]) == [0.03, 0.06, 0.12]
-    assert sorted(r["lr"] for r in runs[64]) == [0.03, 0.06, 0.12, 0.24, 0.48]
-    assert all(stop is None for _, _, stop in calls) and len(calls) == 8
+    assert sorted(r["lr"] for r in runs[64]) == [0.03, 0.06, 0.12, 0.24, 0.48, 0.96]
+    assert all(stop is None for _, _, stop in calls) and len(calls) == 9
+    assert calls[0][0] == 64  # the largest batch first
