@@ -987,6 +987,8 @@ def plot_model_sizes(path, results):
             ax.axhline(1, color="gray", linewidth=0.8, linestyle=":")
             ax.set(xscale="log", xlim=(min(params) / 2, max(params) * 2),
                    ylabel=f"{opt}'s {'steps' if row == 0 else 'seconds'} / GN's")
+            ax.set_xticks(params, [f"{p / 1e6:.2f}M\n{r['preset']}" for p, r in zip(params, rungs)])
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             if row == 0:
                 ax.set_title(f"to {title}")
             else:

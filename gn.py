@@ -89,8 +89,15 @@ class CrossEntropy:
     Outputs z have shape (..., C); targets are class indices shaped z.shape[:-1].
     Per token, with p = softmax(z) and N tokens: ∇ℓ = (p - onehot(y)) / N and
     H u = (p ⊙ u - p (pᵀu)) / N, the softmax Jacobian: PSD, no second
-    differentiation needed.
+    differentiation needed. Targets of -100 (`F.cross_entropy`'s ignore_index,
+    Hugging Face's padding label) are left out of the loss and of N.
     """
+
+    @staticmethod
+    def kept(y, dtype):
+        """(index, weight): targets safe to index with, shaped (..., 1), and 1/N on kept tokens, 0 on ignored."""
+        kept = (y != -100).unsqueeze(-1).to(dtype)
+        return y.clamp(min=0).unsqueeze(-1), kept / kept.sum()
 
     @staticmethod
     def value(z, y):
@@ -99,14 +106,15 @@ class CrossEntropy:
     @staticmethod
     def grad(z, y):
         p = wide(z).softmax(-1)
-        p.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(p[..., :1], -1.0))
-        return (p / y.numel()).to(z.dtype)
+        index, weight = CrossEntropy.kept(y, p.dtype)
+        p.scatter_add_(-1, index, torch.full_like(p[..., :1], -1.0))
+        return (p * weight).to(z.dtype)
 
     @staticmethod
     def hvp(z, y, u):
         p = wide(z).softmax(-1)
         pu = p * wide(u)
-        return ((pu - p * pu.sum(-1, keepdim=True)) / y.numel()).to(z.dtype)
+        return ((pu - p * pu.sum(-1, keepdim=True)) * CrossEntropy.kept(y, p.dtype)[1]).to(z.dtype)
 
     @staticmethod
     def quadratic(z, y, u):
@@ -116,17 +124,18 @@ class CrossEntropy:
         ∇ℓᵀu = Σ(s - u_y) / N and uᵀHu = Σ(pᵀu² - s²) / N.
         """
         # In place where possible: at a 32k vocabulary every (tokens, C) tensor is large.
-        index, u = y.unsqueeze(-1), wide(u)
+        u = wide(u)
+        index, weight = CrossEntropy.kept(y, u.dtype)
         p = z.log_softmax(-1, dtype=u.dtype)
-        value = -p.gather(-1, index).mean()
+        value = -(p.gather(-1, index) * weight).sum()
         p.exp_()
         pu = p * u
         s = pu.sum(-1, keepdim=True)
-        slope = (s - u.gather(-1, index)).sum() / y.numel()
-        curvature = (torch.linalg.vecdot(pu, u).sum() - s.pow(2).sum()) / y.numel()
+        slope = ((s - u.gather(-1, index)) * weight).sum()
+        curvature = ((torch.linalg.vecdot(pu, u).unsqueeze(-1) - s.pow(2)) * weight).sum()
         residual = pu.add_(p).addcmul_(p, s, value=-1)
         residual.scatter_add_(-1, index, torch.full_like(s, -1.0))
-        return value, slope, curvature, residual.div_(y.numel()).to(z.dtype)
+        return value, slope, curvature, residual.mul_(weight).to(z.dtype)
 
 
 class MeanSquaredError:

@@ -77,6 +77,7 @@ def cases():
         ("mlp-mse", small_mlp(2), mlp_x, torch.randn(7, 2, dtype=torch.float64), "mse"),
         ("gpt-ce", tiny_transformer(), tok, torch.randint(0, 11, (2, 5)), "ce"),
         ("gpt-mse", tiny_transformer(), tok, torch.randn(2, 5, 11, dtype=torch.float64), "mse"),
+        ("gpt-ce-padded", tiny_transformer(), tok, torch.tensor([[3, 1, -100, 4, -100], [-100, 9, 2, 6, 5]]), "ce"),
     ]
 
 
@@ -267,6 +268,26 @@ def test_attention_backward_auto_reuses_on_the_cpu_only():
 
 
 # --- gn.py: exactness -------------------------------------------------------
+
+def test_cross_entropy_leaves_out_ignored_targets_as_torch_does():
+    # Targets of -100 (padding) count neither in the mean nor in g_z or H_z:
+    # value, g_z, H_z u and the quadratic's pieces against autograd on F.cross_entropy.
+    torch.manual_seed(3)
+    z, u = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 6))
+    y[0, 1:4], y[1, 5] = -100, -100
+    loss_of = lambda zz: F.cross_entropy(zz.flatten(0, 1), y.flatten())
+    g = torch.autograd.functional.jacobian(loss_of, z)
+    hu = torch.autograd.functional.hvp(loss_of, z, u)[1]
+    torch.testing.assert_close(CrossEntropy.value(z, y), loss_of(z), rtol=1e-12, atol=0)
+    torch.testing.assert_close(CrossEntropy.grad(z, y), g, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(CrossEntropy.hvp(z, y, u), hu, rtol=1e-12, atol=1e-15)
+    value, slope, curvature, residual = CrossEntropy.quadratic(z, y, u)
+    torch.testing.assert_close(value, loss_of(z), rtol=1e-12, atol=0)
+    torch.testing.assert_close(slope, (g * u).sum(), rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(curvature, (hu * u).sum(), rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(residual, g + hu, rtol=1e-10, atol=1e-15)
+
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])
 def test_gn_matvec_equals_explicit_jacobian_product(case):
@@ -557,11 +578,16 @@ def test_gn_step_on_cuda_equals_cpu(mode):
     torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-11)
 
 
-def test_one_sgd_inner_step_from_zero_is_a_gradient_step():
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_sgd_inner_step_from_zero_is_a_gradient_step(padded):
     # ∇Q(0) = Jᵀ g_z is the loss gradient, so a callable inner SGD taking one
-    # unclipped step at constant lr moves θ by -lr ∇ℓ(θ0), as autograd says.
+    # unclipped step at constant lr moves θ by -lr ∇ℓ(θ0), as autograd says;
+    # also with padding targets (-100), which the loss leaves out.
     model = tiny_transformer()
     (x, y), = byte_batches(1, seed=0)
+    if padded:
+        y = y.clone()
+        y[:, ::3] = -100
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     expected = [p.detach() - 0.1 * g for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters())))]
     opt = GaussNewton(model, mode="full", inner=lambda named, lr: torch.optim.SGD([t for _, t in named], lr=lr),
