@@ -36,6 +36,7 @@ with --combine span, one with --merge-embedding (four blocks on tiny), and
 the line search inside the full-GN step.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -302,7 +303,10 @@ def main(argv=None):
     if device.type == "cuda":
         memory = {k: peak_memory(fn, device) for k, fn in fns.items()}
     else:
-        memory = {k: memory_in_fresh_process(args, k) for k in KINDS}
+        # One fresh process per kind, each reading its own high-water mark, so they may run side by side
+        # (two at a time: at the large presets each holds a whole model).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            memory = dict(zip(KINDS, pool.map(lambda kind: memory_in_fresh_process(args, kind), KINDS)))
     name, batch, seq, *_ = BENCH_PRESETS[args.preset]
     print(f"preset {args.preset}: model {name} ({GPT(PRESETS[name]).num_params() / 1e6:.2f}M params), "
           f"micro-batch {batch}x{seq}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
