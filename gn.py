@@ -57,11 +57,11 @@ Read this file top to bottom:
 """
 import contextlib
 import functools
-from collections.abc import Mapping
 import math
 import re
 import time
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
